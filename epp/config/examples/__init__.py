@@ -1,0 +1,1 @@
+"""Example EndpointPickerConfig files shipped as package data."""

@@ -1,0 +1,185 @@
+"""Approximate prefix-cache index: which endpoint probably holds which prompt prefix.
+
+The EPP never sees the engines' caches in this mode; it *assumes* that an endpoint
+that served a prompt now caches that prompt's blocks (llm-d's
+``approx-prefix-cache-producer``). A prompt is cut into blocks of ``block_chars``
+UTF-8 bytes (``blockSizeTokens`` x 4 characters per token, chunked on bytes as the Go
+reference does); block ``i`` is named by a chained 64-bit hash
+``h_i = H(block_i || LE64(h_{i-1}))`` with ``h_0 = H(model [+ salt])``, so equal
+hashes mean equal prefixes, and a final partial block is hashed too.
+
+Invariant (checked by :meth:`ApproxPrefixIndex.check_invariant`): for every endpoint
+``e`` and hash ``h``, ``h in lru[e]`` iff ``e in owners[h]``; no ``owners`` set is
+empty; ``len(lru[e]) <= capacity`` for every ``e``. Memory is therefore bounded by
+``capacity x endpoints``, and endpoints that leave the pool are purged via
+:meth:`remove_endpoint` (wired to ``Datastore.on_endpoint_removed``).
+
+Pure: no I/O, no clock, no asyncio; the hash function is injected.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+
+import xxhash
+
+from epp.metrics import PREFIX_HIT_RATIO, PREFIX_INDEX_SIZE
+
+#: ``bytes -> 64-bit int`` (default xxhash64 with seed 0, as llm-d uses).
+HashFn = Callable[[bytes], int]
+
+DEFAULT_LRU_CAPACITY = 31250
+_LE64 = 8
+
+
+def _xxh64(data: bytes) -> int:
+    return int(xxhash.xxh64_intdigest(data))
+
+
+def prefix_hashes(
+    text: str,
+    model: str,
+    *,
+    block_chars: int,
+    max_blocks: int,
+    salt: str = "",
+    hash_fn: HashFn = _xxh64,
+) -> list[int]:
+    """The chained block hashes of ``text`` (at most ``max_blocks``).
+
+    Text shorter than one block yields no hashes (nothing worth matching).
+    """
+    if block_chars <= 0 or max_blocks <= 0:
+        return []
+    limit = block_chars * max_blocks
+    # Every character is >= 1 byte, so cutting characters first is safe and keeps
+    # 100k-token prompts from being encoded in full.
+    data = text[:limit].encode("utf-8", "surrogatepass")[:limit]
+    n = len(data)
+    if n < block_chars:
+        return []
+    prev = hash_fn((model + salt).encode("utf-8", "surrogatepass"))
+    out: list[int] = []
+    append = out.append
+    for start in range(0, n, block_chars):
+        prev = hash_fn(data[start : start + block_chars] + prev.to_bytes(_LE64, "little"))
+        append(prev)
+    return out
+
+
+class ApproxPrefixIndex:
+    """hash -> endpoints that (probably) cache it, with a per-endpoint LRU bound."""
+
+    __slots__ = ("_capacity", "_label", "_lru", "_owners", "_size")
+
+    def __init__(
+        self, *, capacity_per_endpoint: int = DEFAULT_LRU_CAPACITY, metrics_label: str = "approx"
+    ) -> None:
+        if capacity_per_endpoint <= 0:
+            raise ValueError("capacity_per_endpoint must be > 0")
+        self._capacity = capacity_per_endpoint
+        self._owners: dict[int, set[str]] = {}
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+        self._size = 0
+        self._label = metrics_label
+
+    @property
+    def capacity_per_endpoint(self) -> int:
+        return self._capacity
+
+    def __len__(self) -> int:
+        """Number of (endpoint, block) entries held."""
+        return self._size
+
+    def endpoints(self) -> list[str]:
+        return list(self._lru)
+
+    def blocks_of(self, endpoint: str) -> int:
+        lru = self._lru.get(endpoint)
+        return 0 if lru is None else len(lru)
+
+    def match(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Blocks matched per endpoint, walking the chain until a hash nobody holds."""
+        counts: dict[str, int] = {}
+        owners = self._owners
+        for h in hashes:
+            eps = owners.get(h)
+            if not eps:
+                break
+            for ep in eps:
+                counts[ep] = counts.get(ep, 0) + 1
+        return counts
+
+    def add(self, endpoint: str, hashes: Sequence[int]) -> None:
+        """Record that ``endpoint`` now caches ``hashes`` (a prompt's chain).
+
+        Blocks are touched last-to-first, so a prompt's leading blocks are the most
+        recently used and are evicted last (a chain is useless without its head).
+        """
+        if not hashes:
+            return
+        lru = self._lru.get(endpoint)
+        if lru is None:
+            lru = self._lru[endpoint] = OrderedDict()
+        owners = self._owners
+        cap = self._capacity
+        added = 0
+        for h in reversed(hashes):
+            if h in lru:
+                lru.move_to_end(h)
+                continue
+            lru[h] = None
+            s = owners.get(h)
+            if s is None:
+                owners[h] = {endpoint}
+            else:
+                s.add(endpoint)
+            added += 1
+            if len(lru) > cap:
+                old, _ = lru.popitem(last=False)
+                self._drop_owner(old, endpoint)
+                added -= 1
+        self._size += added
+        PREFIX_INDEX_SIZE.labels(self._label).set(self._size)
+
+    def remove_endpoint(self, endpoint: str) -> None:
+        """Forget everything about ``endpoint`` (it left the pool)."""
+        lru = self._lru.pop(endpoint, None)
+        if lru is None:
+            return
+        for h in lru:
+            self._drop_owner(h, endpoint)
+        self._size -= len(lru)
+        PREFIX_INDEX_SIZE.labels(self._label).set(self._size)
+
+    def retain(self, endpoints: Iterable[str]) -> None:
+        """Purge every endpoint not in ``endpoints``."""
+        keep = set(endpoints)
+        for ep in [e for e in self._lru if e not in keep]:
+            self.remove_endpoint(ep)
+
+    def record_hit_ratio(self, ratio: float) -> None:
+        PREFIX_HIT_RATIO.labels(self._label).observe(ratio)
+
+    def _drop_owner(self, h: int, endpoint: str) -> None:
+        s = self._owners.get(h)
+        if s is None:
+            return
+        s.discard(endpoint)
+        if not s:
+            del self._owners[h]
+
+    def check_invariant(self) -> None:
+        """Assert the invariant in the module docstring (for tests; O(size))."""
+        total = 0
+        for ep, lru in self._lru.items():
+            assert len(lru) <= self._capacity, (ep, len(lru))
+            total += len(lru)
+            for h in lru:
+                assert ep in self._owners.get(h, ()), (ep, h)
+        for h, eps in self._owners.items():
+            assert eps, h
+            for ep in eps:
+                assert h in self._lru.get(ep, ()), (ep, h)
+        assert total == self._size, (total, self._size)

@@ -1,0 +1,130 @@
+"""approx-prefix-cache-producer: prefix match info from the EPP's own routing history.
+
+Before scheduling it hashes the prompt (see :mod:`epp.index.approx_prefix`) and
+matches it against the index; after scheduling it *assumes* the chosen endpoints
+(the primary and, with P/D, the prefill endpoint) now cache the prompt's blocks.
+When the proxy reports a different served endpoint (a fallback), that endpoint
+learns the blocks too. Endpoints leaving the pool are purged from the index.
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+from epp.config import Params
+from epp.datastore import EndpointView
+from epp.index.approx_prefix import DEFAULT_LRU_CAPACITY, ApproxPrefixIndex, prefix_hashes
+from epp.scheduling.registry import BuildContext, register
+from epp.scheduling.types import (
+    CHARS_PER_TOKEN,
+    CycleState,
+    LLMRequest,
+    PrefixMatchInfo,
+    PrefixMatchProducer,
+    PreRequest,
+    ResponseComplete,
+    SchedulingResult,
+)
+
+
+@register
+class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplete):
+    type_name = "approx-prefix-cache-producer"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        block_size_tokens: int = 16,
+        max_blocks: int = 256,
+        lru_capacity: int = DEFAULT_LRU_CAPACITY,
+        block_chars: int | None = None,
+    ) -> None:
+        self.name = name
+        self.block_tokens = block_size_tokens
+        self.block_chars = block_chars or block_size_tokens * CHARS_PER_TOKEN
+        self.max_blocks = max_blocks
+        self.index = ApproxPrefixIndex(capacity_per_endpoint=lru_capacity, metrics_label=name)
+
+    @classmethod
+    def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
+        block_tokens = params.get_int("blockSizeTokens", 16, min_value=1, max_value=1 << 16)
+        # Legacy (2025) parameter: block size in characters.
+        legacy_chars = params.get_int("blockSize", 0, min_value=0, max_value=1 << 20)
+        max_blocks = params.get_int("maxPrefixBlocksToMatch", 256, min_value=1, max_value=1 << 20)
+        max_tokens = params.get_int("maxPrefixTokensToMatch", 0, min_value=0, max_value=1 << 30)
+        capacity = params.get_int(
+            "lruCapacityPerServer", DEFAULT_LRU_CAPACITY, min_value=1, max_value=1 << 24
+        )
+        # Accepted for compatibility; block size and capacity come from the parameters.
+        params.get_bool("autoTune", False)
+        params.finish()
+        if max_tokens:
+            max_blocks = max(1, max_tokens // block_tokens)
+        plugin = cls(
+            name,
+            block_size_tokens=block_tokens,
+            max_blocks=max_blocks,
+            lru_capacity=capacity,
+            block_chars=legacy_chars or None,
+        )
+        if ctx.datastore is not None:
+            ctx.datastore.on_endpoint_removed(plugin.index.remove_endpoint)
+        return plugin
+
+    def produce(
+        self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]
+    ) -> None:
+        hashes = prefix_hashes(
+            request.prompt,
+            request.model,
+            block_chars=self.block_chars,
+            max_blocks=self.max_blocks,
+            salt=request.cache_salt,
+        )
+        info = PrefixMatchInfo(
+            total_blocks=len(hashes),
+            block_tokens=self.block_tokens,
+            matches=self.index.match(hashes) if hashes else {},
+            hashes=hashes,
+        )
+        cycle.values[self.name] = info
+        if cycle.prefix_match is None:
+            cycle.prefix_match = info
+
+    def pre_request(
+        self,
+        cycle: CycleState,
+        request: LLMRequest,
+        result: SchedulingResult,
+        headers: dict[str, str],
+    ) -> None:
+        info = self.match_info(cycle)
+        if info is None or not info.hashes:
+            return
+        primary = result.primary.targets[0].key
+        if info.total_blocks:
+            self.index.record_hit_ratio(info.matches.get(primary, 0) / info.total_blocks)
+        self.index.add(primary, info.hashes)
+        for name, r in result.profile_results.items():
+            if (
+                name != result.primary_profile
+                and r is not None
+                and r.targets
+                and r.targets[0].key != primary
+            ):
+                self.index.add(r.targets[0].key, info.hashes)
+
+    def response_complete(
+        self,
+        cycle: CycleState,
+        request: LLMRequest,
+        result: SchedulingResult,
+        served: str | None,
+        status: int | None,
+    ) -> None:
+        if served is None or served == result.primary.targets[0].key:
+            return
+        info = self.match_info(cycle)
+        if info is not None and info.hashes and (status is None or status < 400):
+            self.index.add(served, info.hashes)

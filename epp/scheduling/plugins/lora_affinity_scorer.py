@@ -1,0 +1,45 @@
+"""lora-affinity-scorer: prefer endpoints where the requested adapter is already loaded.
+
+1.0 adapter active; 0.8 room for another adapter (active + waiting < max_loras);
+0.6 adapter waiting to load; 0 otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Self
+
+from epp.config import Params
+from epp.datastore import EndpointView
+from epp.scheduling.registry import BuildContext, register
+from epp.scheduling.types import CycleState, LLMRequest, Scorer
+
+
+@register
+class LoraAffinityScorer(Scorer):
+    type_name = "lora-affinity-scorer"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @classmethod
+    def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
+        params.finish()
+        return cls(name)
+
+    def score(
+        self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]
+    ) -> Sequence[float]:
+        model = request.model
+        out = []
+        for e in endpoints:
+            m = e.metrics
+            if model in m.active_loras:
+                out.append(1.0)
+            elif len(m.active_loras) + len(m.waiting_loras) < m.max_loras:
+                out.append(0.8)
+            elif model in m.waiting_loras:
+                out.append(0.6)
+            else:
+                out.append(0.0)
+        return out

@@ -1,0 +1,51 @@
+"""max-score-picker: the highest total score wins; ties are broken at random.
+
+With ``maxNumOfEndpoints > 1`` the next best follow as fallbacks (best first).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Self
+
+from epp.config import Params
+from epp.datastore import EndpointView
+from epp.scheduling.registry import BuildContext, register
+from epp.scheduling.types import CycleState, LLMRequest, Picker, ProfileRunResult
+
+
+@register
+class MaxScorePicker(Picker):
+    type_name = "max-score-picker"
+
+    def __init__(self, name: str, rng: random.Random, max_endpoints: int = 1) -> None:
+        self.name = name
+        self.rng = rng
+        self.max_endpoints = max_endpoints
+
+    @classmethod
+    def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
+        n = params.get_int("maxNumOfEndpoints", 1, min_value=1, max_value=64)
+        params.finish()
+        return cls(name, ctx.rng, n)
+
+    def pick(
+        self,
+        cycle: CycleState,
+        request: LLMRequest,
+        endpoints: list[EndpointView],
+        scores: list[float],
+    ) -> ProfileRunResult:
+        n = len(endpoints)
+        if n == 0:
+            return ProfileRunResult([])
+        if self.max_endpoints == 1:
+            best = max(scores)
+            ties = [i for i in range(n) if scores[i] == best]
+            i = ties[0] if len(ties) == 1 else self.rng.choice(ties)
+            return ProfileRunResult([endpoints[i]], [scores[i]])
+        order = list(range(n))
+        self.rng.shuffle(order)
+        order.sort(key=scores.__getitem__, reverse=True)  # stable: shuffled ties stay random
+        top = order[: self.max_endpoints]
+        return ProfileRunResult([endpoints[i] for i in top], [scores[i] for i in top])

@@ -1,0 +1,63 @@
+"""prefix-based-pd-decider: disaggregate when enough of the prompt is not cached.
+
+``uncached = prompt_tokens - cached_tokens(decode endpoint)`` where cached tokens
+come from the prefix-match producer (matched blocks x block tokens) and prompt
+tokens from a tokenizer count when available, else ``ceil(chars / 4)``.
+Disaggregate iff ``uncached >= nonCachedTokens`` and
+``prompt_tokens >= promptTokens`` and ``uncached > 0``; a threshold of 0 turns
+that check off. Without prefix information nothing counts as cached.
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+from epp.config import Params
+from epp.datastore import EndpointView
+from epp.scheduling.registry import BuildContext, register
+from epp.scheduling.types import CycleState, Decider, LLMRequest, PrefixMatchProducer
+
+
+@register
+class PrefixBasedPDDecider(Decider):
+    type_name = "prefix-based-pd-decider"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        non_cached_tokens: int = 0,
+        prompt_tokens: int = 0,
+        producer: PrefixMatchProducer | None = None,
+    ) -> None:
+        self.name = name
+        self.non_cached_tokens = non_cached_tokens
+        self.prompt_tokens = prompt_tokens
+        self.producer = producer
+
+    @classmethod
+    def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
+        non_cached = params.get_int("nonCachedTokens", 0, min_value=0)
+        prompt = params.get_int("promptTokens", 0, min_value=0)
+        key = params.key_path("prefixMatchInfoProducerName")
+        producer_name = params.get_str("prefixMatchInfoProducerName", "") or None
+        params.finish()
+        producer = None
+        if producer_name:
+            producer = ctx.plugin(producer_name, PrefixMatchProducer, key=key)  # type: ignore[type-abstract]
+        return cls(name, non_cached_tokens=non_cached, prompt_tokens=prompt, producer=producer)
+
+    def disaggregate(
+        self, cycle: CycleState, request: LLMRequest, decode: EndpointView
+    ) -> tuple[bool, str]:
+        tokens = request.estimated_prompt_tokens
+        if tokens < self.prompt_tokens:
+            return False, "short-prompt"
+        info = self.producer.match_info(cycle) if self.producer is not None else cycle.prefix_match
+        cached = info.cached_tokens(decode.key, tokens) if info is not None else 0
+        uncached = tokens - cached
+        if uncached <= 0:
+            return False, "fully-cached"
+        if uncached < self.non_cached_tokens:
+            return False, "cached" if cached else "short-prompt"
+        return True, "uncached-prefix"

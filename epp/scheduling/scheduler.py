@@ -1,0 +1,246 @@
+"""Profile runner, scheduler loop, and the builder from config to a ready pipeline.
+
+One cycle: producers fill the :class:`CycleState`; then the profile handler's
+``pick`` names profiles to run until it names none; each profile runs its filters
+in order (stopping as soon as none is left), sums ``weight x clamp(score)`` over its
+scorers, and lets its picker choose; finally ``process_results`` names the
+primary profile. Scheduler and per-plugin latencies go to ``epp.metrics`` using
+``time.perf_counter`` with pre-bound metric children (no label lookups per call).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from epp.config import ConfigError, EndpointPickerConfig
+from epp.datastore import Datastore, EndpointView
+from epp.errors import NoReadyEndpoint
+from epp.metrics import PLUGIN_DURATION, SCHEDULER_ATTEMPTS, SCHEDULER_DURATION
+from epp.scheduling.registry import NOT_BUILT, BuildContext
+from epp.scheduling.types import (
+    CycleState,
+    Filter,
+    LLMRequest,
+    Picker,
+    Plugin,
+    PrefixMatchProducer,
+    PreRequest,
+    Producer,
+    ProfileHandler,
+    ProfileRunResult,
+    ResponseComplete,
+    ResponseHeaders,
+    SaturationDetector,
+    SchedulerProfileLike,
+    SchedulingResult,
+    Scorer,
+)
+
+_perf = time.perf_counter
+
+
+def _observer(extension_point: str, plugin: Plugin) -> Callable[[float], None]:
+    child = PLUGIN_DURATION.labels(extension_point, plugin.type_name, plugin.name)
+    observe: Callable[[float], None] = child.observe
+    return observe
+
+
+class SchedulerProfile(SchedulerProfileLike):
+    """Filters, weighted scorers and one picker, run over the candidates."""
+
+    def __init__(
+        self,
+        name: str,
+        filters: Sequence[Filter],
+        scorers: Sequence[tuple[Scorer, float]],
+        picker: Picker,
+    ) -> None:
+        self.name = name
+        self.filters = [(f, _observer("Filter", f)) for f in filters]
+        self.scorers = [(s, w, _observer("Scorer", s)) for s, w in scorers if w > 0]
+        self.picker = picker
+        self._pick_obs = _observer("Picker", picker)
+
+    def run(
+        self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]
+    ) -> ProfileRunResult | None:
+        candidates = endpoints
+        if not candidates:
+            cycle.rejections[self.name] = "no candidate endpoints"
+            return None
+        for f, obs in self.filters:
+            t = _perf()
+            out = f.filter(cycle, request, candidates)
+            obs(_perf() - t)
+            if not out:
+                cycle.rejections[self.name] = (
+                    f"filter {f.name!r} removed all {len(candidates)} candidates"
+                )
+                return None
+            candidates = out
+        n = len(candidates)
+        totals = [0.0] * n
+        for s, w, obs in self.scorers:
+            t = _perf()
+            scores = s.score(cycle, request, candidates)
+            obs(_perf() - t)
+            for i in range(n):
+                v = scores[i]
+                if v > 0.0:  # NaN and negatives count as 0
+                    totals[i] += w * (v if v < 1.0 else 1.0)
+        t = _perf()
+        result = self.picker.pick(cycle, request, candidates, totals)
+        self._pick_obs(_perf() - t)
+        if not result.targets:
+            cycle.rejections[self.name] = f"picker {self.picker.name!r} chose nothing"
+            return None
+        return result
+
+
+class Scheduler:
+    """Runs producers, then profiles as the profile handler directs."""
+
+    def __init__(
+        self,
+        handler: ProfileHandler,
+        profiles: Mapping[str, SchedulerProfile],
+        producers: Sequence[Producer] = (),
+    ) -> None:
+        self.handler = handler
+        self.profiles = dict(profiles)
+        self.producers = [(p, _observer("Producer", p)) for p in producers]
+        self._handler_obs = _observer("ProfileHandler", handler)
+        self._ok = SCHEDULER_ATTEMPTS.labels("success")
+        self._fail = SCHEDULER_ATTEMPTS.labels("failure")
+
+    def schedule(
+        self, request: LLMRequest, endpoints: list[EndpointView], cycle: CycleState | None = None
+    ) -> tuple[SchedulingResult, CycleState]:
+        """Pick endpoints for ``request``; raises NoReadyEndpoint when none fits."""
+        t0 = _perf()
+        cycle = cycle or CycleState()
+        try:
+            for p, obs in self.producers:
+                t = _perf()
+                p.produce(cycle, request, endpoints)
+                obs(_perf() - t)
+            results: dict[str, ProfileRunResult | None] = {}
+            profiles = self.profiles
+            for _ in range(len(profiles) + 1):
+                t = _perf()
+                names = self.handler.pick(cycle, request, profiles, results)
+                self._handler_obs(_perf() - t)
+                if not names:
+                    break
+                for name in names:
+                    if name in results:
+                        raise RuntimeError(f"profile handler picked profile {name!r} twice")
+                    results[name] = profiles[name].run(cycle, request, endpoints)
+            else:
+                raise RuntimeError("profile handler did not stop picking profiles")
+            result = self.handler.process_results(cycle, request, results)
+        except Exception:
+            self._fail.inc()
+            SCHEDULER_DURATION.observe(_perf() - t0)
+            raise
+        self._ok.inc()
+        SCHEDULER_DURATION.observe(_perf() - t0)
+        return result, cycle
+
+
+def no_endpoint_error(cycle: CycleState, profile: str) -> NoReadyEndpoint:
+    why = cycle.rejections.get(profile, "no endpoint")
+    return NoReadyEndpoint(f"failed to find an endpoint for profile {profile!r}: {why}")
+
+
+@dataclass
+class Pipeline:
+    """Everything request control needs, built from one config."""
+
+    config: EndpointPickerConfig
+    scheduler: Scheduler
+    saturation_detector: SaturationDetector
+    plugins: dict[str, Plugin]
+    pre_request: list[PreRequest] = field(default_factory=list)
+    response_headers: list[ResponseHeaders] = field(default_factory=list)
+    response_complete: list[ResponseComplete] = field(default_factory=list)
+
+    @property
+    def needs_response_body(self) -> bool:
+        return any(p.needs_response_body for p in self.plugins.values())
+
+    def plugin(self, name: str) -> Any:
+        return self.plugins[name]
+
+
+def build_pipeline(
+    config: EndpointPickerConfig,
+    *,
+    datastore: Datastore | None = None,
+    rng: random.Random | None = None,
+) -> Pipeline:
+    """Instantiate and wire every plugin of ``config`` (raises ConfigError)."""
+    import epp.scheduling.plugins  # noqa: F401  (registers the built-in types)
+
+    ctx = BuildContext(config, datastore=datastore, rng=rng)
+    for spec in config.plugins:
+        if spec.kind not in NOT_BUILT:
+            ctx.build(spec)
+    built = ctx.built
+
+    profiles: dict[str, SchedulerProfile] = {}
+    for prof in config.scheduling_profiles:
+        filters: list[Filter] = []
+        scorers: list[tuple[Scorer, float]] = []
+        picker: Picker | None = None
+        for ref in prof.plugins:
+            plugin = built[ref.plugin_ref]
+            if isinstance(plugin, Filter):
+                filters.append(plugin)
+            elif isinstance(plugin, Scorer):
+                scorers.append((plugin, ref.weight))
+            elif isinstance(plugin, Picker):
+                picker = plugin
+            else:  # pragma: no cover - the loader admits only these kinds
+                raise ConfigError(
+                    config.source, f"{ref.path}.pluginRef", "not a filter, scorer or picker"
+                )
+        assert picker is not None  # the loader adds max-score-picker
+        profiles[prof.name] = SchedulerProfile(prof.name, filters, scorers, picker)
+
+    handler = built[config.profile_handler]
+    assert isinstance(handler, ProfileHandler)
+    handler.validate_profiles(list(profiles), ctx)
+
+    detector = built[config.saturation_detector]
+    assert isinstance(detector, SaturationDetector)
+
+    everything: dict[str, Plugin] = dict(built)
+    for p in ctx.implicit:
+        everything.setdefault(p.name, p)
+    # Producers run in declaration order; prefix producers first (others may read them).
+    producers = [p for p in everything.values() if isinstance(p, Producer)]
+    producers.sort(key=lambda p: 0 if isinstance(p, PrefixMatchProducer) else 1)
+
+    return Pipeline(
+        config=config,
+        scheduler=Scheduler(handler, profiles, producers),
+        saturation_detector=detector,
+        plugins=everything,
+        pre_request=[p for p in everything.values() if isinstance(p, PreRequest)],
+        response_headers=[p for p in everything.values() if isinstance(p, ResponseHeaders)],
+        response_complete=[p for p in everything.values() if isinstance(p, ResponseComplete)],
+    )
+
+
+__all__ = [
+    "Pipeline",
+    "Scheduler",
+    "SchedulerProfile",
+    "build_pipeline",
+    "no_endpoint_error",
+]
