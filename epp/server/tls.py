@@ -1,0 +1,126 @@
+"""TLS for the ext_proc and health ports (``--secure-serving``).
+
+Two sources of the server certificate:
+
+* none given: a self-signed ECDSA P-256 certificate is generated in memory at
+  start-up (valid for ``localhost``/``127.0.0.1``, one year). Envoy connects with
+  an empty ``validation_context``, like the GIE reference deployments do;
+* ``--cert-path DIR`` holding ``tls.crt`` and ``tls.key`` (a Kubernetes TLS
+  secret mount): the files are re-read when their modification time changes.
+  gRPC asks :meth:`CertDir.fetch` on each new handshake, so a renewed secret is
+  served to new connections without a restart; a half-written pair (unreadable)
+  keeps the previous certificate.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+log = logging.getLogger(__name__)
+
+CERT_FILE = "tls.crt"
+KEY_FILE = "tls.key"
+
+
+def self_signed(common_name: str = "pdroute-epp") -> tuple[bytes, bytes]:
+    """A fresh (key PEM, certificate PEM) pair, generated in memory."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.DNSName(common_name),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+class CertDir:
+    """``tls.crt``/``tls.key`` in a directory, reloaded when they change."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[float, float] | None = None
+        self.reloads = 0
+        pair = self._read()
+        if pair is None:
+            raise ValueError(
+                f"--cert-path {path}: expected readable {CERT_FILE} and {KEY_FILE} (PEM)"
+            )
+        self.key_pem, self.cert_pem = pair
+
+    def _mtimes(self) -> tuple[float, float]:
+        return (
+            os.stat(self.path / CERT_FILE).st_mtime,
+            os.stat(self.path / KEY_FILE).st_mtime,
+        )
+
+    def _read(self) -> tuple[bytes, bytes] | None:
+        try:
+            stamp = self._mtimes()
+            cert = (self.path / CERT_FILE).read_bytes()
+            key = (self.path / KEY_FILE).read_bytes()
+            x509.load_pem_x509_certificate(cert)
+            serialization.load_pem_private_key(key, password=None)
+        except (OSError, ValueError):
+            log.warning("could not load the TLS pair from %s", self.path, exc_info=True)
+            return None
+        self._stamp = stamp
+        return key, cert
+
+    def changed(self) -> bool:
+        try:
+            return self._mtimes() != self._stamp
+        except OSError:
+            return False
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's certificate-config fetcher: a new config when the files changed."""
+        if not self.changed():
+            return None
+        pair = self._read()
+        if pair is None:
+            return None
+        self.key_pem, self.cert_pem = pair
+        self.reloads += 1
+        log.info("reloaded the TLS certificate from %s", self.path)
+        return grpc.ssl_server_certificate_configuration([pair])
+
+
+def server_credentials(cert_path: Path | None) -> grpc.ServerCredentials:
+    """Credentials for ``--secure-serving``: a reloading cert dir or a self-signed pair."""
+    if cert_path is None:
+        return grpc.ssl_server_credentials([self_signed()])
+    cd = CertDir(cert_path)
+    initial = grpc.ssl_server_certificate_configuration([(cd.key_pem, cd.cert_pem)])
+    return grpc.dynamic_ssl_server_credentials(initial, cd.fetch)  # type: ignore[arg-type]
