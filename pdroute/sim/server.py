@@ -1,0 +1,637 @@
+"""One simulated vLLM server: aiohttp HTTP API + engine loop + KV events + side channel.
+
+Everything runs on the process's single event loop; many servers can share it
+(:class:`pdroute.sim.fleet.SimFleet`). The engine loop is one task per server that
+alternates ``Engine.schedule`` / ``sleep(step)`` / ``Engine.complete_step``, so a
+server costs O(running requests) per step rather than a timer per request, and
+sleeps on an event when idle.
+
+HTTP surface (vLLM 0.32 shapes): ``POST /v1/completions``, ``/v1/chat/completions``
+(JSON or SSE with ``stream_options.include_usage``), ``/v1/responses``
+(non-streaming), ``/tokenize``, ``/detokenize``; ``GET /v1/models``, ``/health``,
+``/metrics``, ``/version``. Every response carries ``x-inference-served-by:
+host:port``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from pdroute.protocol.blockhash import chain_block_hashes, hash_function
+from pdroute.protocol.headers import SERVED_BY
+from pdroute.sim import api
+from pdroute.sim.config import SimConfig, substitute
+from pdroute.sim.engine import Engine, QueueFull, RemoteSource, SimRequest
+from pdroute.sim.kvcache import BlockPool
+from pdroute.sim.kvevents import KVEventPublisher
+from pdroute.sim.latency import LatencyModel
+from pdroute.sim.metrics import EngineStats, Gauges, ServerMetrics, cache_config_labels
+from pdroute.sim.tokenizer import Tokenizer
+from pdroute.sim.transfer import (
+    LeaseView,
+    SideChannelServer,
+    TransferError,
+    block_keys,
+    pull_blocks,
+)
+
+log = logging.getLogger(__name__)
+
+VLLM_VERSION = "0.32.0"
+_JSON = "application/json"
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type=_JSON)
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+class SimServer:
+    def __init__(self, config: SimConfig, rank: int = 0) -> None:
+        config.validate()
+        self.cfg = config
+        self.rank = rank
+        self.hash_fn = hash_function(config.hash_algo)
+        self.tok = Tokenizer(config.vocab_size)
+        self.stats = EngineStats()
+        self.pool = BlockPool(config.num_blocks, config.block_size)
+        self.latency = LatencyModel(config.profile, config.max_num_seqs, seed=config.seed + rank)
+        self.loras = {m.name: i + 1 for i, m in enumerate(config.lora_modules)}
+        self.engine = Engine(
+            pool=self.pool,
+            latency=self.latency,
+            stats=self.stats,
+            max_num_seqs=config.max_num_seqs,
+            max_waiting=config.max_waiting,
+            lease_seconds=config.lease_seconds,
+            max_loras=config.max_loras if self.loras else 0,
+            on_load=self._start_load,
+            on_events=self._publish,
+        )
+        self.engine_id = str(uuid.uuid4())
+        self.host = config.host
+        self.advertise_host = config.advertise_host or (
+            "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
+        )
+        self.port = 0
+        self.serves_kv = config.role in ("both", "prefill")
+        self.pulls_kv = config.role in ("both", "decode")
+        self.side: SideChannelServer | None = None
+        self.publisher: KVEventPublisher | None = None
+        self.metrics = ServerMetrics(
+            self.stats,
+            self._gauges,
+            model_name=config.model,
+            cache_config=cache_config_labels(
+                block_size=config.block_size,
+                num_gpu_blocks=config.num_blocks,
+                hash_algo=config.hash_algo,
+                kv_bytes_per_token=config.profile.kv_bytes_per_token,
+            ),
+            max_loras=config.max_loras if self.loras else 0,
+            nixl=config.role != "none",
+        )
+        self._rng = random.Random(config.seed * 7919 + rank)
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runner: web.AppRunner | None = None
+        self._closing = False
+        self._created = int(time.time())
+
+    # ---- lifecycle ------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return f"{self.advertise_host}:{self.port}"
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.on_response_prepare.append(self._stamp)
+        r = app.router
+        r.add_post("/v1/completions", self._completions)
+        r.add_post("/v1/chat/completions", self._chat)
+        r.add_post("/v1/responses", self._responses)
+        r.add_post("/tokenize", self._tokenize)
+        r.add_post("/detokenize", self._detokenize)
+        r.add_get("/v1/models", self._models)
+        r.add_get("/health", self._health)
+        r.add_get("/metrics", self._metrics)
+        r.add_get("/version", self._version)
+        r.add_route("*", "/{tail:.*}", self._not_found)
+        return app
+
+    async def start(self, port: int | None = None, side_channel_port: int | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        want = self.cfg.port + self.rank if self.cfg.port and port is None else (port or 0)
+        self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, want, backlog=1024, reuse_address=True)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        if self.serves_kv:
+            self.side = SideChannelServer(
+                engine_id=self.engine_id,
+                block_bytes_size=self.cfg.kv_bytes_per_block,
+                get_lease=self._lease_view,
+                release=self.engine.release_lease,
+            )
+            sp = side_channel_port
+            if sp is None:
+                sp = self.cfg.side_channel_port + self.rank if self.cfg.side_channel_port else 0
+            await self.side.start(self.host, sp)
+        if self.cfg.kv_events_endpoint:
+
+            def fill(template: str) -> str:
+                return substitute(
+                    template,
+                    rank=self.rank,
+                    port=self.port,
+                    host=self.advertise_host,
+                    model=self.cfg.model,
+                )
+
+            topic = self.cfg.kv_events_topic
+            self.publisher = KVEventPublisher(
+                fill(self.cfg.kv_events_endpoint),
+                fill(topic) if "{" in topic else topic,
+                replay_endpoint=fill(self.cfg.replay_endpoint)
+                if self.cfg.replay_endpoint
+                else None,
+                buffer_steps=self.cfg.replay_buffer_steps,
+            )
+            self.publisher.start()
+        self._loop_task = loop.create_task(self._engine_loop(), name=f"sim-engine-{self.port}")
+
+    async def stop(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.side is not None:
+            await self.side.close()
+        if self.publisher is not None:
+            await self.publisher.close()
+
+    # ---- engine loop ----------------------------------------------------------------
+    async def _engine_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+        while not self._closing:
+            now = loop.time()
+            dur = engine.schedule(now)
+            if dur is None:
+                self._wake.clear()
+                deadline = engine.next_deadline()
+                if deadline is None:
+                    await self._wake.wait()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - now))
+                continue
+            await asyncio.sleep(dur)
+            engine.complete_step(loop.time())
+
+    def _submit(self, req: SimRequest) -> None:
+        try:
+            self.engine.add(req, asyncio.get_running_loop().time())
+        except QueueFull:
+            raise api.ApiError(503, "Scheduler waiting queue is full") from None
+        except ValueError as e:
+            raise api.ApiError(400, str(e)) from None
+        self._wake.set()
+
+    def _publish(self, events: list[Any]) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(events)
+
+    def _gauges(self) -> Gauges:
+        e = self.engine
+        running = sorted({r.lora_name for r in e.running if r.lora_name}) if self.loras else []
+        waiting = sorted({r.lora_name for r in e.waiting if r.lora_name}) if self.loras else []
+        return Gauges(
+            running=len(e.running),
+            waiting_capacity=len(e.waiting),
+            waiting_deferred=len(e.loading) + len(e.loaded),
+            kv_fetch_waiting=0,
+            kv_fetch_in_progress=len(e.loading),
+            kv_usage=self.pool.usage(),
+            running_loras=running,
+            waiting_loras=waiting,
+        )
+
+    # ---- P/D ------------------------------------------------------------------------
+    def _lease_view(self, lease_id: str) -> LeaseView | None:
+        lease = self.engine.leases.get(lease_id)
+        if lease is None:
+            return None
+        keys = block_keys(lease.prompt_ids, lease.block_hashes, self.cfg.block_size, self.hash_fn)
+        return LeaseView(block_ids=lease.block_ids, keys=keys)
+
+    def _start_load(self, req: SimRequest) -> None:
+        task = asyncio.get_running_loop().create_task(self._load(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _load(self, req: SimRequest) -> None:
+        loop = asyncio.get_running_loop()
+        src = req.remote_source
+        assert src is not None
+        nixl = self.stats.nixl
+        t0 = loop.time()
+        keys = block_keys(req.prompt_ids, req.block_hashes, self.cfg.block_size, self.hash_fn)
+        error: str | None = None
+        try:
+            nbytes = await pull_blocks(
+                host=src.host,
+                port=src.port,
+                engine_id=src.engine_id,
+                request_id=src.request_id,
+                block_ids=src.block_ids,
+                expected_keys=keys,
+                deadline_s=self.cfg.transfer_timeout,
+            )
+            remaining = self.latency.transfer(req.num_prompt_tokens) - (loop.time() - t0)
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+            nixl.xfer_time.observe(loop.time() - t0)
+            nixl.post_time.observe(min(loop.time() - t0, 0.0005))
+            nixl.bytes_transferred.observe(nbytes)
+            nixl.num_descriptors.observe(len(keys))
+        except TransferError as e:
+            nixl.failed_transfers += 1
+            error = str(e)
+        self.engine.load_finished(req, error, loop.time())
+        self._wake.set()
+
+    def _remote_source(self, ktp: dict[str, Any]) -> RemoteSource:
+        try:
+            ids = ktp["remote_block_ids"]
+            block_ids = ids[0] if ids and isinstance(ids[0], list) else ids
+            return RemoteSource(
+                engine_id=str(ktp["remote_engine_id"]),
+                request_id=str(ktp["remote_request_id"]),
+                host=str(ktp["remote_host"]),
+                port=int(ktp["remote_port"]),
+                block_ids=[int(b) for b in block_ids],
+                num_tokens=int(ktp.get("remote_num_tokens") or 0),
+            )
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise api.ApiError(
+                400,
+                "kv_transfer_params with do_remote_prefill need remote_engine_id, "
+                "remote_request_id, remote_host, remote_port and remote_block_ids",
+                "kv_transfer_params",
+            ) from None
+
+    def _prefill_params(self, req: SimRequest) -> dict[str, Any]:
+        bs = self.cfg.block_size
+        nblocks = -(-req.num_prompt_tokens // bs)
+        assert self.side is not None
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_block_ids": [req.block_ids[:nblocks]],
+            "remote_engine_id": self.engine_id,
+            "remote_request_id": req.request_id,
+            "remote_host": self.advertise_host,
+            "remote_port": self.side.port,
+            "tp_size": 1,
+            "dcp_size": 1,
+            "pp_size": 1,
+            "remote_num_tokens": req.num_prompt_tokens,
+            "remote_blocks_expiry_time": None,
+            "transfer_mode": "pull",
+            "remote_prefill_cached_tokens": req.num_cached_tokens,
+        }
+
+    # ---- HTTP -----------------------------------------------------------------------
+    async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[SERVED_BY] = self.address
+        response.headers["server"] = "uvicorn"
+
+    def _maybe_fail(self) -> None:
+        cfg = self.cfg
+        if cfg.failure_rate <= 0.0 or self._rng.random() >= cfg.failure_rate:
+            return
+        kind = self._rng.choice(cfg.failure_types)
+        if kind == "rate_limit":
+            raise api.ApiError(429, f"Rate limit reached for {cfg.model}")
+        if kind == "server_error":
+            raise api.ApiError(500, "Internal server error")
+        if kind == "invalid_api_key":
+            raise api.ApiError(401, "Incorrect API key provided.")
+        if kind == "context_length":
+            raise api.ApiError(
+                400,
+                f"This model's maximum context length is {cfg.max_model_len} tokens. However, "
+                "your request has too many input tokens. Please reduce the length of the input messages.",
+                "input_tokens",
+            )
+        if kind == "invalid_request":
+            raise api.ApiError(400, "Invalid request parameters")
+        raise api.ApiError(404, "The model `unknown-model` does not exist.", "model")
+
+    async def _body(self, request: web.Request) -> Any:
+        raw = await request.read()
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise api.ApiError(400, f"JSON decode error: {e}") from None
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completion")
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat")
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "responses")
+
+    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        try:
+            body = await self._body(request)
+            self._maybe_fail()
+            p = api.parse(
+                kind,
+                body,
+                tok=self.tok,
+                base_model=self.cfg.model,
+                loras=set(self.loras),
+                max_model_len=self.cfg.max_model_len,
+            )
+            if kind == "responses" and p.stream:
+                raise api.ApiError(
+                    400, "streaming /v1/responses is not supported by the simulator", "stream"
+                )
+            req = self._make_request(p, kind)
+            if p.stream:
+                return await self._stream(request, p, req)
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def done(r: SimRequest) -> None:
+                if r.finished and not fut.done():
+                    fut.set_result(None)
+
+            req.listener = done
+            self._submit(req)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                self.engine.abort(req, asyncio.get_running_loop().time())
+                raise
+            if req.error is not None:
+                raise api.ApiError(500, req.error)
+            return _json(self._final_body(p, req))
+        except api.ApiError as e:
+            return _json(e.body(), e.status)
+
+    def _make_request(self, p: api.Parsed, kind: str) -> SimRequest:
+        ktp = p.kv_transfer_params
+        remote_decode = bool(ktp and ktp.get("do_remote_decode")) and self.serves_kv
+        source = None
+        if ktp and ktp.get("do_remote_prefill") and self.pulls_kv:
+            source = self._remote_source(ktp)
+        prefix = {"completion": "cmpl", "chat": "chatcmpl", "responses": "resp"}[kind]
+        lora_id = self.loras.get(p.lora) if p.lora else None
+        hashes = chain_block_hashes(
+            p.prompt_ids,
+            self.cfg.block_size,
+            self.hash_fn,
+            seed=self.cfg.hash_seed,
+            extra_keys=(p.lora,) if p.lora else None,
+        )
+        return SimRequest(
+            request_id=f"{prefix}-{uuid.uuid4().hex}",
+            prompt_ids=p.prompt_ids,
+            block_hashes=hashes,
+            max_tokens=p.max_tokens,
+            stop_after=p.stop_after,
+            lora_name=p.lora,
+            lora_id=lora_id,
+            params_n=p.n,
+            remote_decode=remote_decode,
+            remote_source=source,
+            seed=p.seed,
+        )
+
+    def _usage(self, req: SimRequest) -> dict[str, Any]:
+        return api.make_usage(
+            req.num_prompt_tokens,
+            len(req.output_ids),
+            req.num_cached_tokens + req.num_external_tokens,
+        )
+
+    def _final_body(self, p: api.Parsed, req: SimRequest) -> dict[str, Any]:
+        text = "".join(self.tok.token_str(t) for t in req.output_ids)
+        ktp = self._prefill_params(req) if req.lease_id is not None else None
+        if p.kind == "completion":
+            return api.completion_body(
+                req.request_id,
+                p.model,
+                text,
+                finish=req.finish_reason,
+                usage=self._usage(req),
+                kv_transfer_params=ktp,
+            )
+        if p.kind == "chat":
+            return api.chat_body(
+                req.request_id,
+                p.model,
+                text,
+                finish=req.finish_reason,
+                usage=self._usage(req),
+                kv_transfer_params=ktp,
+            )
+        return api.responses_body(
+            req.request_id,
+            p.model,
+            text,
+            finish=req.finish_reason,
+            prompt=req.num_prompt_tokens,
+            completion=len(req.output_ids),
+            cached=req.num_cached_tokens + req.num_external_tokens,
+        )
+
+    async def _stream(
+        self, request: web.Request, p: api.Parsed, req: SimRequest
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def notify(_r: SimRequest) -> None:
+            ready.set()
+
+        req.listener = notify
+        self._submit(req)
+        created = int(time.time())
+        resp: web.StreamResponse | None = None
+        sent = 0
+        chat = p.kind == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        try:
+            while True:
+                await ready.wait()
+                ready.clear()
+                if req.error is not None and resp is None:
+                    raise api.ApiError(500, req.error)
+                if resp is None:
+                    resp = web.StreamResponse(
+                        headers={
+                            "Content-Type": "text/event-stream; charset=utf-8",
+                            "Cache-Control": "no-cache",
+                        }
+                    )
+                    await resp.prepare(request)
+                    if chat:
+                        first = api.chat_chunk(
+                            req.request_id,
+                            created,
+                            p.model,
+                            {"role": "assistant", "content": ""},
+                            None,
+                        )
+                        if p.continuous_usage:
+                            first["usage"] = api.make_usage(req.num_prompt_tokens, 0, 0)
+                        await resp.write(_sse(first))
+                new = req.output_ids[sent:]
+                out = bytearray()
+                for i, tid in enumerate(new):
+                    last = req.finished and i == len(new) - 1
+                    finish = req.finish_reason if last else None
+                    text = self.tok.token_str(tid)
+                    chunk = (
+                        api.chat_chunk(req.request_id, created, p.model, {"content": text}, finish)
+                        if chat
+                        else api.completion_chunk(req.request_id, created, p.model, text, finish)
+                    )
+                    if last and req.lease_id is not None:
+                        chunk["kv_transfer_params"] = self._prefill_params(req)
+                    if p.continuous_usage:
+                        chunk["usage"] = api.make_usage(req.num_prompt_tokens, sent + i + 1, 0)
+                    out += _sse(chunk)
+                sent += len(new)
+                if req.finished:
+                    if req.error is not None:
+                        out += _sse(api.error_body(500, req.error))
+                    elif p.include_usage:
+                        out += _sse(
+                            api.usage_chunk(req.request_id, created, p.model, obj, self._usage(req))
+                        )
+                    out += b"data: [DONE]\n\n"
+                if out:
+                    await resp.write(bytes(out))
+                if req.finished:
+                    await resp.write_eof()
+                    return resp
+        except api.ApiError as e:
+            return _json(e.body(), e.status)
+        except (asyncio.CancelledError, ConnectionResetError):
+            if not req.finished:
+                self.engine.abort(req, loop.time())
+            raise
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._body(request)
+            if not isinstance(body, dict):
+                raise api.ApiError(400, "request body must be a JSON object")
+            api.resolve_model(body, self.cfg.model, set(self.loras))
+            if "messages" in body:
+                ids = api._chat_ids(body, self.tok)
+            else:
+                prompt = body.get("prompt")
+                if not isinstance(prompt, str):
+                    raise api.ApiError(400, "prompt must be a string", "prompt")
+                ids = self.tok.encode(prompt, body.get("add_special_tokens", True) is not False)
+            strs = [self.tok.token_str(t) for t in ids] if body.get("return_token_strs") else None
+            return _json(
+                {
+                    "count": len(ids),
+                    "max_model_len": self.cfg.max_model_len,
+                    "tokens": ids,
+                    "token_strs": strs,
+                }
+            )
+        except api.ApiError as e:
+            return _json(e.body(), e.status)
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._body(request)
+            tokens = body.get("tokens") if isinstance(body, dict) else None
+            if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+                raise api.ApiError(400, "tokens must be a list of integers", "tokens")
+            return _json({"prompt": self.tok.decode(tokens)})
+        except api.ApiError as e:
+            return _json(e.body(), e.status)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        def card(mid: str, root: str, parent: str | None) -> dict[str, Any]:
+            return {
+                "id": mid,
+                "object": "model",
+                "created": self._created,
+                "owned_by": "vllm",
+                "root": root,
+                "parent": parent,
+                "max_model_len": self.cfg.max_model_len,
+                "permission": [
+                    {
+                        "id": f"modelperm-{self.engine_id[:8]}",
+                        "object": "model_permission",
+                        "created": self._created,
+                        "allow_create_engine": False,
+                        "allow_sampling": True,
+                        "allow_logprobs": True,
+                        "allow_search_indices": False,
+                        "allow_view": True,
+                        "allow_fine_tuning": False,
+                        "organization": "*",
+                        "group": None,
+                        "is_blocking": False,
+                    }
+                ],
+            }
+
+        data = [card(self.cfg.model, self.cfg.model, None)]
+        data += [card(m.name, m.path, self.cfg.model) for m in self.cfg.lora_modules]
+        return _json({"object": "list", "data": data})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return _json({"version": VLLM_VERSION})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.render().encode(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        return _json({"detail": "Not Found"}, 404)
