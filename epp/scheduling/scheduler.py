@@ -28,6 +28,7 @@ from epp.scheduling.types import (
     Picker,
     Plugin,
     PrefixMatchProducer,
+    PrepareData,
     PreRequest,
     Producer,
     ProfileHandler,
@@ -165,6 +166,7 @@ class Pipeline:
     scheduler: Scheduler
     saturation_detector: SaturationDetector
     plugins: dict[str, Plugin]
+    prepare_data: list[PrepareData] = field(default_factory=list)
     pre_request: list[PreRequest] = field(default_factory=list)
     response_headers: list[ResponseHeaders] = field(default_factory=list)
     response_complete: list[ResponseComplete] = field(default_factory=list)
@@ -231,6 +233,7 @@ def build_pipeline(
         scheduler=Scheduler(handler, profiles, producers),
         saturation_detector=detector,
         plugins=everything,
+        prepare_data=[p for p in everything.values() if isinstance(p, PrepareData)],
         pre_request=[p for p in everything.values() if isinstance(p, PreRequest)],
         response_headers=[p for p in everything.values() if isinstance(p, ResponseHeaders)],
         response_complete=[p for p in everything.values() if isinstance(p, ResponseComplete)],

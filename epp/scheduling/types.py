@@ -11,7 +11,8 @@ classes, one file each under ``epp.scheduling.plugins``:
   returns nothing) and which result is primary (``process_results``).
 * :class:`Decider` answers the P/D question for the disagg profile handler.
 * :class:`Producer` computes per-request data before the profiles run (prefix
-  match info, token counts) and stores it in the :class:`CycleState`.
+  match info, token counts) and stores it in the :class:`CycleState`;
+  :class:`PrepareData` is its async counterpart (awaited by the director first).
 * Hooks used by request control: :class:`PreRequest` (after scheduling, sets
   upstream headers, learns), :class:`ResponseHeaders` (client response headers),
   :class:`ResponseComplete` (once per request, when the response ends).
@@ -56,6 +57,10 @@ class LLMRequest:
     prompt_tokens: int | None = None
     #: vLLM ``cache_salt`` (separates prefix-cache namespaces).
     cache_salt: str = ""
+    #: Token ids of the prompt, when a tokenizing producer computed them.
+    token_ids: list[int] | None = None
+    #: The parsed JSON body (read-only by convention: messages, prompt, tools...).
+    body: Mapping[str, Any] | None = None
 
     @property
     def estimated_prompt_tokens(self) -> int:
@@ -189,6 +194,20 @@ class Producer(Plugin):
 
     @abstractmethod
     def produce(
+        self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]
+    ) -> None: ...
+
+
+class PrepareData(ABC):
+    """Hook: async per-request preparation before scheduling (e.g. tokenization).
+
+    The director awaits every ``prepare_data`` (bounded by a timeout) before the
+    scheduler runs; results go into ``cycle`` or onto ``request`` (``token_ids``,
+    ``prompt_tokens``). Must never raise for bad input: leave the data absent.
+    """
+
+    @abstractmethod
+    async def prepare_data(
         self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]
     ) -> None: ...
 
