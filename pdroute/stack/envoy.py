@@ -60,6 +60,7 @@ import yaml
 
 DESTINATION_ENDPOINT = "x-gateway-destination-endpoint"
 ENVOY_LB = "envoy.lb"
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 _T = "type.googleapis.com/"
 _HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -94,6 +95,8 @@ class EnvoyOptions:
     epp_tls: bool = False
     #: FailOpen (True) or FailClose (False, the InferencePool CRD default).
     failure_mode_allow: bool = False
+    #: gRPC health check of the EPP (0 disables; fail-open depends on it, see _epp_cluster).
+    epp_health_interval_s: float = 1.0
     #: Per-message ext_proc timeout (Envoy's default, 200 ms, is too short for queueing).
     message_timeout_s: float = 10.0
     #: Route the response body through the EPP (only when the director needs usage).
@@ -158,6 +161,32 @@ def _epp_cluster(o: EnvoyOptions) -> dict[str, Any]:
             ],
         },
     }
+    if o.epp_health_interval_s > 0:
+        # Fail-open needs the ext_proc stream to fail *before* Envoy streams the body
+        # (FULL_DUPLEX can only fail open up to the first chunk). With the EPP
+        # marked unhealthy (gRPC health check, or ejected after one refused
+        # connection) and no panic routing, opening the stream fails at once, and
+        # failure_mode_allow then decides. A NOT_SERVING EPP (not ready) counts too.
+        interval = _duration(o.epp_health_interval_s)
+        cluster["health_checks"] = [
+            {
+                "timeout": _duration(max(o.epp_health_interval_s / 2, 0.1)),
+                "interval": interval,
+                "no_traffic_interval": interval,
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": EXT_PROC_SERVICE},
+            }
+        ]
+        cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0.0}}
+        cluster["outlier_detection"] = {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 1,
+            "base_ejection_time": interval,
+            "max_ejection_time": interval,
+            "max_ejection_percent": 100,
+            "interval": interval,
+        }
     if o.epp_tls:
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
@@ -438,6 +467,31 @@ class EnvoyProcess:
             if value.strip().isdigit():
                 out[name] = int(value)
         return out
+
+    def host_health(self, cluster: str) -> dict[str, str]:
+        """``ip:port`` -> health flags (``healthy``, ``/failed_active_hc``, ...) from admin."""
+        with urllib.request.urlopen(self.admin_url + "/clusters", timeout=5) as r:
+            text = r.read().decode()
+        out: dict[str, str] = {}
+        prefix = cluster + "::"
+        for line in text.splitlines():
+            if line.startswith(prefix) and "::health_flags::" in line:
+                host, _, flags = line[len(prefix) :].partition("::health_flags::")
+                out[host] = flags
+        return out
+
+    def wait_epp_health(self, healthy: bool, timeout_s: float = 10.0) -> None:
+        """Block until Envoy sees the EPP as healthy (or not): health checks take an
+        interval to notice a change."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            flags = self.host_health("epp")
+            now = bool(flags) and all(f == "healthy" for f in flags.values())
+            if now == healthy:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"EPP health in Envoy is {flags}, wanted healthy={healthy}")
+            time.sleep(0.05)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -197,9 +198,16 @@ async def make_stack(envoy_binary: str, tmp_path: Path) -> AsyncIterator[Callabl
             failure_mode_allow=failure_mode_allow,
             epp_tls=tls,
             message_timeout_s=5.0,
+            epp_health_interval_s=0.2,
         )
-        envoy = EnvoyProcess(opts, binary=envoy_binary, workdir=tmp_path / f"envoy{len(cleanups)}")
+        envoy = EnvoyProcess(
+            opts,
+            binary=envoy_binary,
+            workdir=tmp_path / f"envoy{len(cleanups)}",
+            log_level=os.environ.get("ENVOY_LOG", "warning"),
+        )
         await asyncio.to_thread(envoy.start)
+        await asyncio.to_thread(envoy.wait_epp_health, True)
         cleanups.append(lambda: asyncio.to_thread(envoy.stop))
         session = aiohttp.ClientSession()
         cleanups.append(session.close)
