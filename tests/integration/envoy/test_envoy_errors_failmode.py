@@ -4,6 +4,7 @@ a client-sent ``x-gateway-destination-endpoint`` never steers traffic."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -44,7 +45,7 @@ async def test_oversize_body_is_rejected_before_it_is_all_received(make_stack: A
     st = await make_stack(1, max_body=64 * 1024)
     sent = 0
 
-    async def body():  # type: ignore[no-untyped-def]
+    async def body() -> AsyncIterator[bytes]:
         nonlocal sent
         yield b'{"model": "m", "prompt": "'
         for _ in range(4096):  # up to 64 MiB, far more than the cap
