@@ -140,7 +140,7 @@ def decode_batch(payload: bytes) -> list[Any]:
     for dec in _DECODERS:
         try:
             return dec.decode(payload).events  # type: ignore[no-any-return]
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except Exception as e:  # DecodeError, ValidationError, UnicodeDecodeError, ...
             err = err or e
     assert err is not None
     raise err
@@ -297,7 +297,7 @@ class KVEventIngestor:
             return 0
         try:
             events = decode_batch(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except Exception:  # hostile bytes must never stop the subscriber
             self.count("malformed")
             return 0
         index = self.index
@@ -319,7 +319,7 @@ class KVEventIngestor:
                 if rekey:
                     try:
                         tokens = _tokens_decoder.decode(ev.token_ids)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
+                    except Exception:
                         self.count("malformed")
                         continue
                     parent = ev.parent_block_hash
