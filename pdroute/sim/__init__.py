@@ -17,8 +17,28 @@ vLLM at the protocol level, while costing microseconds per request. Modules:
 
 from __future__ import annotations
 
-from pdroute.sim.config import SimConfig
-from pdroute.sim.fleet import SimFleet
-from pdroute.sim.latency import PROFILES, get_profile
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pdroute.sim.config import SimConfig
+    from pdroute.sim.fleet import SimFleet
+    from pdroute.sim.latency import PROFILES, get_profile
 
 __all__ = ["PROFILES", "SimConfig", "SimFleet", "get_profile"]
+
+_LAZY = {
+    "SimConfig": "pdroute.sim.config",
+    "SimFleet": "pdroute.sim.fleet",
+    "PROFILES": "pdroute.sim.latency",
+    "get_profile": "pdroute.sim.latency",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import lazily so that ``pdroute.sim.tokenizer`` etc. load without aiohttp/zmq."""
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(name)
+    import importlib
+
+    return getattr(importlib.import_module(mod), name)

@@ -163,6 +163,20 @@ _NIXL_COUNTERS: tuple[tuple[str, str, str], ...] = (
 )  # fmt: skip
 
 
+#: Families vLLM exports that the simulator has nothing to say about (always 0).
+_ZERO_COUNTERS: tuple[tuple[str, str], ...] = (
+    ("estimated_flops_per_gpu", "Estimated number of floating point operations per GPU (for Model Flops Utilization calculations)."),
+    ("estimated_read_bytes_per_gpu", "Estimated number of bytes read from memory per GPU (for Model Flops Utilization calculations)."),
+    ("estimated_write_bytes_per_gpu", "Estimated number of bytes written to memory per GPU (for Model Flops Utilization calculations)."),
+)  # fmt: skip
+
+
+_MM_COUNTERS: tuple[tuple[str, str], ...] = (
+    ("mm_cache_queries", "Multi-modal cache queries, in terms of number of queried items."),
+    ("mm_cache_hits", "Multi-modal cache hits, in terms of number of cached items."),
+)
+
+
 class ServerMetrics:
     """Renders one server's ``/metrics`` text from :class:`EngineStats` and live gauges."""
 
@@ -233,6 +247,8 @@ class ServerMetrics:
                 self._hist(out, name, help_, getattr(s.nixl, attr))
             for name, attr, help_ in _NIXL_COUNTERS:
                 self._counter(out, name, help_, [(lb, getattr(s.nixl, attr))])
+        for name, help_ in _ZERO_COUNTERS:
+            self._counter(out, name, help_, [(lb, 0.0)])
         self._gauge(
             out,
             "num_requests_running",
@@ -254,16 +270,17 @@ class ServerMetrics:
                 (self._lbl(reason="deferred"), g.waiting_deferred),
             ],
         )
-        self._gauge(
-            out,
-            "num_requests_kv_fetch_by_stage",
-            "Number of waiting requests by async KV load stage. Stage labels: 'waiting_to_start' = needs an async KV load that has not started; 'in_progress' = load started and not yet reported finished; 'completed_waiting' = load finished, request not running yet.",
-            [
-                (self._lbl(stage="waiting_to_start"), g.kv_fetch_waiting),
-                (self._lbl(stage="in_progress"), g.kv_fetch_in_progress),
-                (self._lbl(stage="completed_waiting"), 0),
-            ],
-        )
+        if self._nixl:  # only with a KV connector
+            self._gauge(
+                out,
+                "num_requests_kv_fetch_by_stage",
+                "Number of waiting requests by async KV load stage. Stage labels: 'waiting_to_start' = needs an async KV load that has not started; 'in_progress' = load started and not yet reported finished; 'completed_waiting' = load finished, request not running yet.",
+                [
+                    (self._lbl(stage="waiting_to_start"), g.kv_fetch_waiting),
+                    (self._lbl(stage="in_progress"), g.kv_fetch_in_progress),
+                    (self._lbl(stage="completed_waiting"), 0),
+                ],
+            )
         self._gauge(
             out,
             "engine_sleep_state",
@@ -316,6 +333,8 @@ class ServerMetrics:
             "External prefix cache hits from KV connector cross-instance cache sharing, in terms of number of cached tokens.",
             [(lb, s.external_prefix_cache_hits)],
         )
+        for name, help_ in _MM_COUNTERS:
+            self._counter(out, name, help_, [(lb, 0.0)])
         self._counter(
             out, "num_preemptions", "Cumulative number of preemption from the engine.", [(lb, 0.0)]
         )

