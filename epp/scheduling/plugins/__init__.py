@@ -26,6 +26,7 @@ from epp.scheduling.plugins import (
     running_requests_size_scorer,
     session_affinity_scorer,
     single_profile_handler,
+    token_producer,
     utilization_detector,
     weighted_random_picker,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "running_requests_size_scorer",
     "session_affinity_scorer",
     "single_profile_handler",
+    "token_producer",
     "utilization_detector",
     "weighted_random_picker",
 ]

@@ -1,0 +1,110 @@
+"""The approximate prefix index: hash chain, first-miss matching, LRU bound, purge."""
+
+from __future__ import annotations
+
+import xxhash
+
+from epp.index.approx_prefix import ApproxPrefixIndex, prefix_hashes
+from epp.metrics import REGISTRY
+
+
+def xx(b: bytes) -> int:
+    return xxhash.xxh64_intdigest(b)
+
+
+def test_hash_chain_formula() -> None:
+    text = "a" * 8 + "b" * 8 + "cc"
+    got = prefix_hashes(text, "m", block_chars=8, max_blocks=10)
+    h0 = xx(b"m")
+    h1 = xx(b"a" * 8 + h0.to_bytes(8, "little"))
+    h2 = xx(b"b" * 8 + h1.to_bytes(8, "little"))
+    h3 = xx(b"cc" + h2.to_bytes(8, "little"))  # the final partial block is hashed too
+    assert got == [h1, h2, h3]
+
+
+def test_short_text_truncation_model_and_salt() -> None:
+    assert prefix_hashes("abc", "m", block_chars=4, max_blocks=10) == []
+    assert len(prefix_hashes("x" * 100, "m", block_chars=4, max_blocks=3)) == 3
+    a = prefix_hashes("x" * 16, "m1", block_chars=4, max_blocks=10)
+    b = prefix_hashes("x" * 16, "m2", block_chars=4, max_blocks=10)
+    c = prefix_hashes("x" * 16, "m1", block_chars=4, max_blocks=10, salt="s")
+    assert len(a) == 4 and not set(a) & set(b) and not set(a) & set(c)
+    # Chunks are UTF-8 bytes: a 2-byte character counts twice.
+    assert len(prefix_hashes("é" * 4, "m", block_chars=4, max_blocks=10)) == 2
+
+
+def test_injected_hash_function_is_used() -> None:
+    calls: list[bytes] = []
+
+    def h(b: bytes) -> int:
+        calls.append(b)
+        return len(calls)
+
+    assert prefix_hashes("abcdefgh", "m", block_chars=4, max_blocks=5, hash_fn=h) == [2, 3]
+    assert calls == [b"m", b"abcd" + (1).to_bytes(8, "little"), b"efgh" + (2).to_bytes(8, "little")]
+
+
+def test_match_counts_until_first_miss() -> None:
+    idx = ApproxPrefixIndex(capacity_per_endpoint=100)
+    idx.add("A", [1, 2, 3])
+    idx.add("B", [1])
+    assert idx.match([1, 2, 3, 4]) == {"A": 3, "B": 1}
+    idx2 = ApproxPrefixIndex(capacity_per_endpoint=100)
+    idx2.add("A", [1, 3])  # nobody holds 2: the walk stops there
+    assert idx2.match([1, 2, 3]) == {"A": 1}
+    assert idx2.match([9, 1]) == {}
+    idx.check_invariant()
+
+
+def test_lru_bound_keeps_chain_heads() -> None:
+    idx = ApproxPrefixIndex(capacity_per_endpoint=4)
+    idx.add("A", list(range(1, 11)))
+    assert len(idx) == 4 and idx.blocks_of("A") == 4
+    # Leading blocks are the most recent, so the head of the chain survives.
+    assert idx.match(list(range(1, 11))) == {"A": 4}
+    idx.check_invariant()
+    idx.add("A", [100, 101])  # evicts two least recently used (blocks 4 then 3)
+    assert idx.match([1, 2, 3, 4]) == {"A": 2}
+    assert idx.match([100, 101]) == {"A": 2}
+    idx.check_invariant()
+
+
+def test_recently_used_blocks_survive_eviction() -> None:
+    idx = ApproxPrefixIndex(capacity_per_endpoint=3)
+    idx.add("A", [1])
+    idx.add("A", [2])
+    idx.add("A", [3])
+    idx.add("A", [1])  # touch 1
+    idx.add("A", [4])  # evicts 2, the least recently used
+    assert idx.match([1]) == {"A": 1}
+    assert idx.match([2]) == {}
+    assert idx.match([3]) == {"A": 1}
+
+
+def test_remove_and_retain_purge_endpoints_and_metrics() -> None:
+    idx = ApproxPrefixIndex(capacity_per_endpoint=10, metrics_label="t-purge")
+    idx.add("A", [1, 2])
+    idx.add("B", [1, 3])
+    assert REGISTRY.get_sample_value("llm_d_epp_prefix_indexer_size", {"index": "t-purge"}) == 4
+    idx.remove_endpoint("A")
+    assert idx.match([1, 2]) == {"B": 1}
+    assert len(idx) == 2 and idx.endpoints() == ["B"]
+    idx.check_invariant()
+    idx.remove_endpoint("nope")  # unknown endpoint: no-op
+    idx.retain(["C"])
+    assert len(idx) == 0 and idx.match([1]) == {}
+    assert REGISTRY.get_sample_value("llm_d_epp_prefix_indexer_size", {"index": "t-purge"}) == 0
+    idx.check_invariant()
+
+
+def test_hit_ratio_is_recorded() -> None:
+    idx = ApproxPrefixIndex(metrics_label="t-hit")
+    idx.record_hit_ratio(0.5)
+    assert (
+        REGISTRY.get_sample_value("llm_d_epp_prefix_indexer_hit_ratio_count", {"index": "t-hit"})
+        == 1
+    )
+    assert (
+        REGISTRY.get_sample_value("llm_d_epp_prefix_indexer_hit_ratio_sum", {"index": "t-hit"})
+        == 0.5
+    )
