@@ -1,0 +1,148 @@
+"""A small process supervisor for the local stack.
+
+Each child runs in its own process group so that stopping the stack stops
+everything a child started. Output goes to one log file per child under the
+stack's run directory; on a failed start the tail of that log is shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class StackError(Exception):
+    """A start-up problem the user can act on (port taken, binary missing, child died)."""
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def require_free_ports(ports: Mapping[str, int], host: str = "127.0.0.1") -> None:
+    taken = [f"{what} port {port}" for what, port in ports.items() if not port_is_free(port, host)]
+    if taken:
+        raise StackError(
+            "already in use on "
+            + host
+            + ": "
+            + ", ".join(taken)
+            + " (stop what holds them or pass other ports, see `pdroute up --help`)"
+        )
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        data = path.read_bytes()[-16384:]
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Supervisor:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.children: list[Child] = []
+
+    def start(
+        self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+    ) -> Child:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.run_dir / f"{name}.log"
+        full_env = dict(os.environ)
+        if env:
+            full_env.update(env)
+        log = log_path.open("wb")
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+                start_new_session=True,
+            )
+        except FileNotFoundError as e:
+            raise StackError(f"{name}: cannot run {argv[0]!r}: {e.strerror}") from None
+        finally:
+            log.close()
+        child = Child(name, list(argv), log_path, dict(env or {}), proc)
+        self.children.append(child)
+        return child
+
+    async def wait_ready(
+        self,
+        child: Child,
+        probe: Callable[[], Awaitable[bool]],
+        *,
+        timeout_s: float,
+        interval_s: float = 0.1,
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not child.alive():
+                code = child.proc.returncode if child.proc else None
+                raise StackError(
+                    f"{child.name} exited with code {code} during start-up; "
+                    f"last lines of {child.log_path}:\n{tail(child.log_path)}"
+                )
+            with contextlib.suppress(Exception):
+                if await probe():
+                    return
+            await asyncio.sleep(interval_s)
+        raise StackError(
+            f"{child.name} not ready after {timeout_s:.0f}s; "
+            f"last lines of {child.log_path}:\n{tail(child.log_path)}"
+        )
+
+    def first_dead(self) -> Child | None:
+        return next((c for c in self.children if not c.alive()), None)
+
+    def stop_all(self, grace_s: float = 5.0) -> None:
+        """SIGTERM every child's process group (reverse start order), then SIGKILL."""
+        for child in reversed(self.children):
+            if child.alive() and child.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in reversed(self.children):
+            if child.proc is None:
+                continue
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                child.proc.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                child.proc.wait()
+        self.children.clear()
