@@ -306,7 +306,7 @@ def build_engine_mappings(
         return out
     if isinstance(engine_configs, Mapping):
         items = [(str(name), cfg, f"{key}.{name}") for name, cfg in engine_configs.items()]
-    elif isinstance(engine_configs, list):
+    elif isinstance(engine_configs, list | tuple):
         items = []
         for i, cfg in enumerate(engine_configs):
             name = cfg.get("name") if isinstance(cfg, Mapping) else None

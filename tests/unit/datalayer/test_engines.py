@@ -185,6 +185,8 @@ def test_engine_configs_mapping_shape_and_errors() -> None:
         build_engine_mappings({"x": {"kvUsageSpec": "a{b!=c}"}})
     with pytest.raises(EngineConfigError, match="engineConfigs"):
         build_engine_mappings("vllm")
+    # The config loader hands over a tuple of mappings.
+    assert "e" in build_engine_mappings(({"name": "e", "queuedRequestsSpec": "q"},))
 
 
 def test_engine_of() -> None:

