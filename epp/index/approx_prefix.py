@@ -33,8 +33,7 @@ DEFAULT_LRU_CAPACITY = 31250
 _LE64 = 8
 
 
-def _xxh64(data: bytes) -> int:
-    return int(xxhash.xxh64_intdigest(data))
+_xxh64: HashFn = xxhash.xxh64_intdigest
 
 
 def prefix_hashes(

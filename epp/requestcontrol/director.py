@@ -131,11 +131,14 @@ class EppDirector:
         *,
         rng: random.Random | None = None,
         prepare_timeout_s: float = 0.4,
+        services: Mapping[str, object] | None = None,
     ) -> None:
         self.datastore = datastore
         self.config = config
         self.rng = rng or random.Random()
-        self.pipeline: Pipeline = build_pipeline(config, datastore=datastore, rng=self.rng)
+        self.pipeline: Pipeline = build_pipeline(
+            config, datastore=datastore, rng=self.rng, services=services
+        )
         self.prepare_timeout_s = prepare_timeout_s
         self._inflight: dict[str, int] = {}
 
@@ -261,11 +264,15 @@ def build_director(
     config_path: str | Path | None = None,
     config_text: str | None = None,
     rng: random.Random | None = None,
+    services: Mapping[str, object] | None = None,
+    prepare_timeout_s: float = 0.4,
 ) -> EppDirector:
     """Load the config (file, text, or the built-in default) and build the director.
 
-    Raises :class:`epp.config.ConfigError` (message names the file and key) for any
-    invalid configuration, including bad plugin parameters.
+    ``services`` are shared objects for plugins (``BuildContext.services``), e.g. a
+    KV-block index the data layer feeds. Raises :class:`epp.config.ConfigError`
+    (message names the file and key) for any invalid configuration, including bad
+    plugin parameters.
     """
     if config_path is not None and config_text is not None:
         raise ValueError("give config_path or config_text, not both")
@@ -275,7 +282,9 @@ def build_director(
         config = load_config_text(config_text)
     else:
         config = load_default_config()
-    return EppDirector(datastore, config, rng=rng)
+    return EppDirector(
+        datastore, config, rng=rng, services=services, prepare_timeout_s=prepare_timeout_s
+    )
 
 
 def _conforms(d: EppDirector, r: Decision) -> tuple[Director, RoutingDecision]:

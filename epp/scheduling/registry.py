@@ -14,7 +14,7 @@ matter in which order they were declared. Reference cycles are reported as
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from epp.config import (
@@ -62,8 +62,12 @@ class BuildContext:
         datastore: Datastore | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] | None = None,
+        services: Mapping[str, object] | None = None,
     ) -> None:
         self.config = config
+        #: Shared objects the process wiring hands to plugins (e.g. a KV-block index
+        #: fed by the data layer), by well-known name. Empty unless given.
+        self.services: Mapping[str, object] = services or {}
         self.source = config.source
         self.datastore = datastore
         self.rng = rng or random.Random()

@@ -184,11 +184,12 @@ def build_pipeline(
     *,
     datastore: Datastore | None = None,
     rng: random.Random | None = None,
+    services: Mapping[str, object] | None = None,
 ) -> Pipeline:
     """Instantiate and wire every plugin of ``config`` (raises ConfigError)."""
     import epp.scheduling.plugins  # noqa: F401  (registers the built-in types)
 
-    ctx = BuildContext(config, datastore=datastore, rng=rng)
+    ctx = BuildContext(config, datastore=datastore, rng=rng, services=services)
     for spec in config.plugins:
         if spec.kind not in NOT_BUILT:
             ctx.build(spec)
