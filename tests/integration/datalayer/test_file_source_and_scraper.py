@@ -86,7 +86,7 @@ async def _until(cond: Callable[[], bool], what: str, limit_s: float = 5.0) -> N
 
 
 async def test_file_and_scraper_feed_the_datastore(
-    servers: Callable[[], object], tmp_path: Path
+    servers: Callable[[], Awaitable[ModelServer]], tmp_path: Path
 ) -> None:
     a, b, c = [await servers() for _ in range(3)]
     a.waiting, b.waiting, c.waiting = 4, 1, 2
