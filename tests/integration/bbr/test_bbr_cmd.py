@@ -1,0 +1,90 @@
+"""``pdroute bbr`` as a process: serves health + ext_proc, stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+
+import grpc
+import orjson
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pdroute.cli",
+            "bbr",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-body-bytes",
+            "1000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> tuple[int, bytes]:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=10)
+    return proc.returncode, out
+
+
+async def test_pdroute_bbr_process() -> None:
+    port = _free_port()
+    proc = await asyncio.to_thread(_spawn, port)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            status = None
+            for _ in range(200):
+                try:
+                    r = await health.Check(
+                        health_pb2.HealthCheckRequest(
+                            service="envoy.service.ext_proc.v3.ExternalProcessor"
+                        ),
+                        timeout=0.5,
+                    )
+                    status = r.status
+                    break
+                except grpc.aio.AioRpcError:
+                    assert proc.poll() is None, "pdroute bbr exited early"
+                    await asyncio.sleep(0.05)
+            assert status == health_pb2.HealthCheckResponse.SERVING
+
+            call = pb_grpc.ExternalProcessorStub(ch).Process()
+            req = pb.ProcessingRequest(request_headers=pb.HttpHeaders(end_of_stream=False))
+            req.protocol_config.request_body_mode = (
+                processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+            )  # type: ignore[assignment]
+            await call.write(req)
+            await call.write(
+                pb.ProcessingRequest(
+                    request_body=pb.HttpBody(
+                        body=orjson.dumps({"model": "m", "p": "x" * 2000}), end_of_stream=True
+                    )
+                )
+            )
+            r = await call.read()
+            assert r.immediate_response.status.code == 413  # --max-body-bytes 1000 applied
+    finally:
+        code, out = await asyncio.to_thread(_stop, proc)
+    assert code == 0, out.decode()
+    assert b"bbr listening on 127.0.0.1" in out
