@@ -71,6 +71,14 @@ class _Stored(msgspec.Struct, tag="BlockStored", tag_field="type"):
     medium: str | None = None
 
 
+class _StoredLean(msgspec.Struct, tag="BlockStored", tag_field="type"):
+    """Direct mode: ``token_ids`` is not even wrapped (msgspec skips it)."""
+
+    block_hashes: list[_Hash]
+    parent_block_hash: _Hash | None = None
+    medium: str | None = None
+
+
 class _Removed(msgspec.Struct, tag="BlockRemoved", tag_field="type"):
     block_hashes: list[_Hash]
     medium: str | None = None
@@ -93,6 +101,18 @@ class _BatchM(msgspec.Struct):
 
     ts: float
     events: list[_Stored | _Removed | _Cleared]
+    data_parallel_rank: int | None = None
+
+
+class _BatchALean(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[_StoredLean | _Removed | _Cleared]
+    data_parallel_rank: int | None = None
+
+
+class _BatchMLean(msgspec.Struct):
+    ts: float
+    events: list[_StoredLean | _Removed | _Cleared]
     data_parallel_rank: int | None = None
 
 
@@ -127,17 +147,20 @@ _DECODERS = (
     msgspec.msgpack.Decoder(_BatchM),
     msgspec.msgpack.Decoder(_BatchL),
 )
+_LEAN_DECODERS = (
+    msgspec.msgpack.Decoder(_BatchALean),
+    msgspec.msgpack.Decoder(_BatchMLean),
+    msgspec.msgpack.Decoder(_BatchL),
+)
 _tokens_decoder = msgspec.msgpack.Decoder(list[int])
 
-_STORED = (_Stored, _StoredL)
-_REMOVED = (_Removed, _RemovedL)
 
-
-def decode_batch(payload: bytes) -> list[Any]:
+def decode_batch(payload: bytes, *, tokens: bool = True) -> list[Any]:
     """The events of one payload; raises ``msgspec.DecodeError`` (or
-    ``ValidationError``) when no known encoding fits."""
+    ``ValidationError``) when no known encoding fits. ``tokens=False`` skips
+    ``token_ids`` (direct mode)."""
     err: Exception | None = None
-    for dec in _DECODERS:
+    for dec in _DECODERS if tokens else _LEAN_DECODERS:
         try:
             return dec.decode(payload).events  # type: ignore[no-any-return]
         except Exception as e:  # DecodeError, ValidationError, UnicodeDecodeError, ...
@@ -207,6 +230,7 @@ class KVEventIngestor:
         self._streams: dict[str, _Stream] = {}
         self.counts: dict[str, int] = dict.fromkeys(_OUTCOMES, 0)
         self._metric = {o: KV_EVENTS.labels(o) for o in _OUTCOMES}
+        self._unflushed = 0
 
     def count(self, outcome: str, n: int = 1) -> None:
         self.counts[outcome] += n
@@ -291,58 +315,75 @@ class KVEventIngestor:
         return None
 
     def apply(self, endpoint: str, payload: bytes) -> int:
-        """Decode ``payload`` and apply its events; returns the events applied."""
+        """Decode ``payload`` and apply its events; returns the events applied.
+
+        Hot path: consecutive BlockStored events are handed to the index as one
+        run; "applied" is counted locally and flushed to Prometheus by
+        :meth:`flush_metrics` (a lock per message would cost more than the apply).
+        """
         if len(payload) > self.max_message_bytes:
             self.count("oversized")
             return 0
+        index = self.index
+        rekey = index.rekeying
         try:
-            events = decode_batch(payload)
+            events = decode_batch(payload, tokens=rekey)
         except Exception:  # hostile bytes must never stop the subscriber
             self.count("malformed")
             return 0
-        index = self.index
         try:
             s = index.slot(endpoint)
         except UnknownEndpoint:
             self.count("unknown_endpoint")
             return 0
-        rekey = index.rekeying
-        store = index.store
-        n = 0
+        runs: list[list[int]] = []
         orphans = 0
         for ev in events:
             t = type(ev)
-            if t is _Stored or t is _StoredL:
+            if t is _StoredLean or t is _Stored or t is _StoredL:
                 hashes = ev.block_hashes
-                if hashes and not isinstance(hashes[0], int):
+                if hashes and type(hashes[0]) is not int:
                     hashes = _int_hashes(hashes)
-                if rekey:
-                    try:
-                        tokens = _tokens_decoder.decode(ev.token_ids)
-                    except Exception:
-                        self.count("malformed")
-                        continue
-                    parent = ev.parent_block_hash
-                    if not index.store_tokens(
-                        s, hashes, None if parent is None else _int_hash(parent), tokens
-                    ):
-                        orphans += 1
-                        continue
-                else:
-                    store(s, hashes)
-            elif t is _Removed or t is _RemovedL:
+                if not rekey:
+                    runs.append(hashes)
+                    continue
+                try:
+                    tokens = _tokens_decoder.decode(ev.token_ids)
+                except Exception:
+                    self.count("malformed")
+                    continue
+                parent = ev.parent_block_hash
+                if not index.store_tokens(
+                    s, hashes, None if parent is None else _int_hash(parent), tokens
+                ):
+                    orphans += 1
+                continue
+            if runs:
+                index.store_runs(s, runs)
+                runs = []
+            if t is _Removed or t is _RemovedL:
                 hashes = ev.block_hashes
-                if hashes and not isinstance(hashes[0], int):
+                if hashes and type(hashes[0]) is not int:
                     hashes = _int_hashes(hashes)
                 index.remove(s, hashes)
             else:
                 index.clear(endpoint)
-            n += 1
-        if n:
-            self.count("applied", n)
+        if runs:
+            index.store_runs(s, runs)
+        n = len(events) - orphans
+        self.counts["applied"] += n
+        self._unflushed += n
+        if self._unflushed >= 65536:
+            self.flush_metrics()
         if orphans:
             self.count("orphan", orphans)
         return n
+
+    def flush_metrics(self) -> None:
+        """Push locally counted "applied" events to Prometheus."""
+        if self._unflushed:
+            self._metric["applied"].inc(self._unflushed)
+            self._unflushed = 0
 
 
 # --------------------------------------------------------------------------- topics
@@ -518,6 +559,7 @@ class KVEventSubscriber:
                     break
                 handle(frames, endpoint, resolver)
                 n += 1
+            self.ingestor.flush_metrics()
             if n >= batch:
                 await asyncio.sleep(0)
 

@@ -71,7 +71,7 @@ class EngineKeyer:
         self.seed = seed
         self._hash = hash_function(hash_algo)
         self._root = none_hash(self._hash, seed)
-        self._memo: OrderedDict[int, bytes] = OrderedDict()
+        self._memo: OrderedDict[bytes, tuple[bytes, int]] = OrderedDict()
         self._memo_entries = memo_entries
 
     def keys(self, tokens: Sequence[int]) -> list[int]:
@@ -82,24 +82,26 @@ class EngineKeyer:
         memo = self._memo
         mget = memo.get
         h = xxhash.xxh3_128()
-        buf = _token_bytes(tokens, n * bs)
+        update = h.update
+        prefix_id = h.digest
+        view = memoryview(_token_bytes(tokens, n * bs))
         step = bs * 4
         hash_fn = self._hash
         parent = self._root
         out: list[int] = []
         append = out.append
         for i in range(n):
-            chunk = buf[i * step : (i + 1) * step]
-            h.update(chunk)
-            pid = h.intdigest()
-            d = mget(pid)
-            if d is None:
+            update(view[i * step : (i + 1) * step])
+            pid = prefix_id()
+            hit = mget(pid)
+            if hit is None:
                 d = hash_fn((parent, tuple(tokens[i * bs : (i + 1) * bs]), None))
-                memo[pid] = d
+                hit = (d, to_event_hash(d))
+                memo[pid] = hit
                 if len(memo) > self._memo_entries:
                     memo.popitem(last=False)
-            append(to_event_hash(d))
-            parent = d
+            append(hit[1])
+            parent = hit[0]
         return out
 
 

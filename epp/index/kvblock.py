@@ -225,6 +225,24 @@ class KVBlockIndex:
         if len(lru) > self._capacity[s]:
             self._evict(s)
 
+    def store_runs(self, s: int, runs: Iterable[Iterable[int]]) -> None:
+        """Several consecutive ``BlockStored`` events of one batch (the ingest hot
+        path: one call per batch instead of one per event)."""
+        lru = self._lru[s]
+        holders = self._holders
+        hget = holders.get
+        touch = lru.move_to_end
+        bit = 1 << s
+        for keys in runs:
+            for k in keys:
+                if k in lru:
+                    touch(k)
+                else:
+                    lru[k] = None
+                    holders[k] = hget(k, 0) | bit
+        if len(lru) > self._capacity[s]:
+            self._evict(s)
+
     def store_tokens(
         self, s: int, engine_hashes: Sequence[int], parent: int | None, token_ids: Sequence[int]
     ) -> bool:
