@@ -1,0 +1,288 @@
+"""The simulator's HTTP surface looks like vLLM 0.32's OpenAI server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from pdroute.protocol.blockhash import chain_block_hashes
+from pdroute.protocol.headers import SERVED_BY
+from pdroute.sim.config import LoraModule, SimConfig
+from pdroute.sim.fleet import SimFleet
+from pdroute.sim.latency import get_profile
+from pdroute.sim.tokenizer import Tokenizer
+
+MODEL = "sim-llama"
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[SimFleet]:
+    cfg = SimConfig(
+        model=MODEL,
+        profile=get_profile("fast"),
+        block_size=16,
+        num_blocks=512,
+        max_model_len=1024,
+        lora_modules=(LoraModule("ad1", "/loras/ad1"),),
+        max_loras=1,
+    )
+    async with SimFleet(cfg, replicas=2) as f:
+        yield f
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def url(f: SimFleet, path: str, i: int = 0) -> str:
+    return f"http://{f.addresses[i]}{path}"
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> list[Any]:
+    out: list[Any] = []
+    text = await resp.text()
+    assert text.endswith("data: [DONE]\n\n")
+    for block in text.split("\n\n"):
+        if block:
+            assert block.startswith("data: ")
+            data = block[6:]
+            out.append(data if data == "[DONE]" else orjson.loads(data))
+    return out
+
+
+async def test_completion_shape_usage_and_served_by(
+    fleet: SimFleet, http: aiohttp.ClientSession
+) -> None:
+    prompt = "the prefix cache " * 20
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 4}
+    async with http.post(url(fleet, "/v1/completions", 1), json=body) as r:
+        assert r.status == 200
+        assert r.headers[SERVED_BY] == fleet.addresses[1]
+        j = await r.json()
+    assert j["object"] == "text_completion" and j["id"].startswith("cmpl-")
+    assert j["model"] == MODEL
+    [choice] = j["choices"]
+    assert choice["finish_reason"] == "length" and len(choice["text"].split()) == 4
+    n_prompt = len(Tokenizer().encode(prompt))
+    assert j["usage"] == {
+        "prompt_tokens": n_prompt,
+        "total_tokens": n_prompt + 4,
+        "completion_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    assert j["kv_transfer_params"] is None
+    # Same prompt again: full blocks except the last token are prefix-cache hits.
+    async with http.post(url(fleet, "/v1/completions", 1), json=body) as r:
+        j2 = await r.json()
+    assert j2["usage"]["prompt_tokens_details"]["cached_tokens"] == (n_prompt - 1) // 16 * 16
+    assert j2["choices"][0]["text"] == choice["text"]  # deterministic output
+
+
+async def test_completion_default_max_tokens_is_16(
+    fleet: SimFleet, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(url(fleet, "/v1/completions"), json={"prompt": "hi"}) as r:
+        j = await r.json()
+    assert j["usage"]["completion_tokens"] == 16 and j["choices"][0]["finish_reason"] == "length"
+
+
+async def test_chat_non_streaming_stops_on_its_own(
+    fleet: SimFleet, http: aiohttp.ClientSession
+) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}
+    async with http.post(url(fleet, "/v1/chat/completions"), json=body) as r:
+        assert r.status == 200
+        j = await r.json()
+    assert j["object"] == "chat.completion" and j["id"].startswith("chatcmpl-")
+    msg = j["choices"][0]["message"]
+    assert msg["role"] == "assistant" and msg["content"]
+    assert j["choices"][0]["finish_reason"] == "stop"
+    assert 8 <= j["usage"]["completion_tokens"] < 64
+
+
+async def test_chat_streaming_with_include_usage(
+    fleet: SimFleet, http: aiohttp.ClientSession
+) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "stream please"}],
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with http.post(url(fleet, "/v1/chat/completions"), json=body) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        assert r.headers[SERVED_BY] == fleet.addresses[0]
+        events = await sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = chunks[1:-1]
+    assert len(content) == 5
+    assert all(c["object"] == "chat.completion.chunk" for c in content)
+    assert [c["choices"][0]["finish_reason"] for c in content] == [None] * 4 + ["length"]
+    assert len({c["id"] for c in chunks}) == 1
+    usage = chunks[-1]
+    assert usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] == 5
+    assert "cached_tokens" in usage["usage"]["prompt_tokens_details"]
+
+
+async def test_completion_streaming_without_usage(
+    fleet: SimFleet, http: aiohttp.ClientSession
+) -> None:
+    body = {"prompt": "abc", "max_tokens": 3, "stream": True}
+    async with http.post(url(fleet, "/v1/completions"), json=body) as r:
+        events = await sse_events(r)
+    chunks = events[:-1]
+    assert len(chunks) == 3
+    assert all(c["object"] == "text_completion" and "usage" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "NotFoundError", "model"),
+        ("/v1/completions", {"prompt": 5}, 400, "BadRequestError", "prompt"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "BadRequestError", "max_tokens"),
+        (
+            "/v1/completions",
+            {"prompt": "x", "max_tokens": 5000},
+            400,
+            "BadRequestError",
+            "max_tokens",
+        ),
+        ("/v1/completions", {"prompt": "x " * 2000}, 400, "BadRequestError", "input_tokens"),
+        ("/v1/chat/completions", {"messages": []}, 400, "BadRequestError", "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"content": "x"}]},
+            400,
+            "BadRequestError",
+            "messages",
+        ),
+    ],
+)
+async def test_errors_have_vllm_shape(
+    fleet: SimFleet, http: aiohttp.ClientSession, case: tuple[str, dict[str, Any], int, str, str]
+) -> None:
+    path, body, status, etype, param = case
+    async with http.post(url(fleet, path), json=body) as r:
+        assert r.status == status
+        assert r.headers[SERVED_BY] == fleet.addresses[0]
+        j = await r.json()
+    assert set(j) == {"error"}
+    assert set(j["error"]) == {"message", "type", "param", "code"}
+    assert j["error"]["type"] == etype and j["error"]["code"] == status
+    assert j["error"]["param"] == param
+    assert j["error"]["message"]
+
+
+async def test_context_length_message(fleet: SimFleet, http: aiohttp.ClientSession) -> None:
+    async with http.post(url(fleet, "/v1/completions"), json={"prompt": "x " * 2000}) as r:
+        j = await r.json()
+    assert "maximum context length is 1024 tokens" in j["error"]["message"]
+
+
+async def test_invalid_json_is_400(fleet: SimFleet, http: aiohttp.ClientSession) -> None:
+    async with http.post(url(fleet, "/v1/completions"), data=b"{not json") as r:
+        assert r.status == 400
+        assert (await r.json())["error"]["type"] == "BadRequestError"
+    async with http.get(url(fleet, "/nope")) as r:
+        assert r.status == 404
+
+
+async def test_models_health_version_tokenize(fleet: SimFleet, http: aiohttp.ClientSession) -> None:
+    async with http.get(url(fleet, "/v1/models")) as r:
+        j = await r.json()
+    assert j["object"] == "list"
+    assert [(m["id"], m["parent"]) for m in j["data"]] == [(MODEL, None), ("ad1", MODEL)]
+    assert j["data"][0]["max_model_len"] == 1024 and j["data"][1]["root"] == "/loras/ad1"
+    async with http.get(url(fleet, "/health")) as r:
+        assert r.status == 200
+    async with http.get(url(fleet, "/version")) as r:
+        assert "version" in await r.json()
+    async with http.post(url(fleet, "/tokenize"), json={"model": MODEL, "prompt": "a b"}) as r:
+        j = await r.json()
+    assert j == {
+        "count": 4,
+        "max_model_len": 1024,
+        "tokens": Tokenizer().encode("a b"),
+        "token_strs": None,
+    }
+    async with http.post(
+        url(fleet, "/tokenize"), json={"messages": [{"role": "user", "content": "a"}]}
+    ) as r:
+        assert (await r.json())["count"] > 3
+    async with http.post(
+        url(fleet, "/detokenize"), json={"tokens": [Tokenizer.output_token(1, 0)]}
+    ) as r:
+        assert (await r.json())["prompt"].strip()
+
+
+async def test_lora_adapter_routes_and_changes_hashes(
+    fleet: SimFleet, http: aiohttp.ClientSession
+) -> None:
+    body = {"model": "ad1", "prompt": "adapter " * 40, "max_tokens": 2}
+    async with http.post(url(fleet, "/v1/completions"), json=body) as r:
+        assert r.status == 200
+        assert (await r.json())["model"] == "ad1"
+    srv = fleet.servers[0]
+    ids = Tokenizer().encode(body["prompt"])  # type: ignore[arg-type]
+    base = chain_block_hashes(ids, 16)
+    lora = chain_block_hashes(ids, 16, extra_keys=("ad1",))
+    assert srv.pool.lookup(lora) and not srv.pool.lookup(base)
+    async with http.get(url(fleet, "/metrics")) as r:
+        text = await r.text()
+    assert 'vllm:lora_requests_info{engine="0",max_lora="1"' in text
+
+
+async def test_metrics_endpoint_counts(fleet: SimFleet, http: aiohttp.ClientSession) -> None:
+    async with http.post(url(fleet, "/v1/completions"), json={"prompt": "m", "max_tokens": 3}) as r:
+        assert r.status == 200
+    async with http.get(url(fleet, "/metrics")) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = await r.text()
+    assert f'vllm:generation_tokens_total{{engine="0",model_name="{MODEL}"}} 3.0' in text
+    assert (
+        f'vllm:request_success_total{{engine="0",finished_reason="length",model_name="{MODEL}"}} 1.0'
+        in text
+    )
+    assert 'prefix_caching_hash_algo="sha256"' in text
+    assert 'num_gpu_blocks="512"' in text
+
+
+async def test_failure_injection() -> None:
+    cfg = SimConfig(
+        model=MODEL, profile=get_profile("instant"), failure_rate=1.0, failure_types=("rate_limit",)
+    )
+    async with (
+        SimFleet(cfg) as f,
+        aiohttp.ClientSession() as s,
+        s.post(url(f, "/v1/completions"), json={"prompt": "x"}) as r,
+    ):
+        assert r.status == 429
+        assert (await r.json())["error"]["type"] == "RateLimitError"
+
+
+async def test_queue_full_is_503() -> None:
+    cfg = SimConfig(model=MODEL, profile=get_profile("fast"), max_num_seqs=1, max_waiting=1)
+    async with SimFleet(cfg) as f, aiohttp.ClientSession() as s:
+        import asyncio
+
+        async def one() -> int:
+            async with s.post(
+                url(f, "/v1/completions"), json={"prompt": "x", "max_tokens": 50}
+            ) as r:
+                return r.status
+
+        statuses = await asyncio.gather(*(one() for _ in range(6)))
+    assert 503 in statuses and 200 in statuses
