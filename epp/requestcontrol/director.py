@@ -23,6 +23,7 @@ its own latency and attempt metrics.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 from collections.abc import Mapping
@@ -199,6 +200,29 @@ class EppDirector:
         endpoints = [t.key for t in result.primary.targets]
         self._acquire(endpoints[0])
         return Decision(self, endpoints, set_headers, request=llm, result=result, cycle=cycle)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start plugins' background work (call once the event loop runs).
+
+        Any plugin with a ``start()`` method is started (e.g. the precise prefix
+        producer's KV-event subscriptions); plugins without one need nothing.
+        """
+        for plugin in self.pipeline.plugins.values():
+            start = getattr(plugin, "start", None)
+            if callable(start):
+                start()
+
+    async def aclose(self) -> None:
+        """Stop plugins' background work (``async stop()``); errors are logged."""
+        for plugin in self.pipeline.plugins.values():
+            stop = getattr(plugin, "stop", None)
+            if stop is not None and inspect.iscoroutinefunction(stop):
+                try:
+                    await stop()
+                except Exception:
+                    log.exception("stopping plugin %s failed", plugin.name)
 
     # -- internals -----------------------------------------------------------
 

@@ -15,6 +15,7 @@ from epp.config import (
     load_config,
     load_config_text,
     load_default_config,
+    register_plugin_kind,
 )
 from epp.scheduling import build_pipeline
 
@@ -260,17 +261,14 @@ def test_strict_errors(body: str, expected: str) -> None:
             "config.yaml: plugins[0].parameters.deciders.prefill: plugin 'queue-scorer' (queue-scorer) is not a Decider",
         ),
         (
-            "- type: precise-prefix-cache-producer\n",
-            "config.yaml: plugins[0].type: plugin type 'precise-prefix-cache-producer' is not available in this build",
+            "- type: test-declared-but-unbuilt\n",
+            "config.yaml: plugins[0].type: plugin type 'test-declared-but-unbuilt' is not available in this build",
         ),
     ],
 )
 def test_parameter_errors_name_the_parameter(body: str, expected: str) -> None:
-    if "precise-prefix-cache-producer" in body:
-        from epp.scheduling.registry import plugin_class
-
-        if plugin_class("precise-prefix-cache-producer") is not None:
-            return  # engineer H's plugin is installed: the type is available
+    # A type the catalog knows but no plugin class implements.
+    register_plugin_kind("test-declared-but-unbuilt", PluginKind.SCORER)
     assert err(HEAD + "plugins:\n" + body).startswith(expected)
 
 

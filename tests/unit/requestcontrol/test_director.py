@@ -253,3 +253,56 @@ async def test_plugin_exceptions_never_crash_routing(caplog: pytest.LogCaptureFi
 
     with pytest.raises(Internal, match="scheduling failed: RuntimeError"):
         await d.route(req(chat()))
+
+
+class _Prep:
+    """A fake async PrepareData hook (a neighbour of the director)."""
+
+    name = "prep"
+
+    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
+        self.delay = delay
+        self.fail = fail
+        self.started = 0
+        self.stopped = 0
+
+    async def prepare_data(self, cycle: object, request: object, endpoints: object) -> None:
+        import asyncio
+
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("tokenizer down")
+        request.prompt_tokens = 1234  # type: ignore[attr-defined]
+
+    def start(self) -> None:
+        self.started += 1
+
+    async def stop(self) -> None:
+        self.stopped += 1
+
+
+async def test_prepare_data_runs_before_scheduling_and_is_bounded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    d = build_director(store(2), rng=random.Random(1), prepare_timeout_s=0.05)
+    ok = _Prep()
+    d.pipeline.prepare_data.append(ok)  # type: ignore[arg-type]
+    dec = await d.route(req(chat()))
+    assert dec.request is not None and dec.request.prompt_tokens == 1234
+    # A failing or slow hook never fails the request; the data is just missing.
+    d.pipeline.prepare_data[:] = [_Prep(fail=True)]  # type: ignore[list-item]
+    dec = await d.route(req(chat()))
+    assert dec.endpoints and dec.request is not None and dec.request.prompt_tokens is None
+    assert "tokenizer down" in caplog.text
+    d.pipeline.prepare_data[:] = [_Prep(delay=5.0)]  # type: ignore[list-item]
+    dec = await d.route(req(chat()))
+    assert dec.endpoints and "timed out" in caplog.text
+
+
+async def test_start_and_aclose_reach_plugins_with_lifecycle() -> None:
+    d = build_director(store(2), rng=random.Random(1))
+    p = _Prep()
+    d.pipeline.plugins["prep"] = p  # type: ignore[assignment]
+    d.start()
+    await d.aclose()
+    assert (p.started, p.stopped) == (1, 1)
