@@ -59,6 +59,9 @@ spec:
         args:
         - --port={{ int $ms.sidecar.port }}
         - --vllm-port={{ int $ms.sidecar.vllmPort }}
+        - --metrics-port={{ int $ms.sidecar.metricsPort }}
+        # SSRF protection: prefill legs only go to members of this pool.
+        - --inference-pool={{ $root.Release.Namespace }}/{{ include "pdroute.poolName" $root }}
         {{- range $ms.sidecar.extraArgs }}
         - {{ . | quote }}
         {{- end }}
@@ -71,11 +74,12 @@ spec:
           valueFrom:
             fieldRef:
               fieldPath: metadata.namespace
-        - name: INFERENCE_POOL_NAME
-          value: {{ include "pdroute.poolName" $root }}
         ports:
         - name: proxy
           containerPort: {{ int $ms.sidecar.port }}
+          protocol: TCP
+        - name: sidecar-metrics
+          containerPort: {{ int $ms.sidecar.metricsPort }}
           protocol: TCP
         readinessProbe:
           tcpSocket:
@@ -83,6 +87,9 @@ spec:
           periodSeconds: 5
         resources:
           {{- toYaml $ms.sidecar.resources | nindent 10 }}
+        volumeMounts:
+        - name: tmp
+          mountPath: /tmp
         securityContext:
           runAsNonRoot: true
           runAsUser: 65532
@@ -98,13 +105,24 @@ spec:
         imagePullPolicy: {{ $root.Values.image.pullPolicy }}
         command: [pdroute, sim]
         args:
+        - --host=0.0.0.0
         - --port={{ $port }}
+        - --advertise-host=$(POD_IP)
         - {{ printf "--model=%s" $served | quote }}
-        - --role={{ .role }}
+        - --role={{ ternary .role "both" $ms.disaggregated }}
         - --block-size={{ int $ms.blockSize }}
+        - --side-channel-port={{ int $ms.vllm.nixlSideChannelPort }}
         {{- range $ms.sim.extraArgs }}
         - {{ . | quote }}
         {{- end }}
+        env:
+        - name: POD_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        volumeMounts:
+        - name: tmp
+          mountPath: /tmp
         securityContext:
           runAsNonRoot: true
           runAsUser: 65532
@@ -158,11 +176,9 @@ spec:
         - name: http
           containerPort: {{ $port }}
           protocol: TCP
-        {{- if eq $ms.mode "vllm" }}
         - name: nixl
           containerPort: {{ int $ms.vllm.nixlSideChannelPort }}
           protocol: TCP
-        {{- end }}
         # Model loading can take many minutes; liveness starts only after startup.
         startupProbe:
           httpGet:
@@ -186,8 +202,10 @@ spec:
         resources:
           {{- toYaml . | nindent 10 }}
         {{- end }}
-      {{- if eq $ms.mode "vllm" }}
       volumes:
+      - name: tmp
+        emptyDir: {}
+      {{- if eq $ms.mode "vllm" }}
       - name: shm
         emptyDir:
           medium: Memory
