@@ -13,7 +13,7 @@
 #   PDROUTE_IMAGE          image to build and load       (default ghcr.io/pdroute/pdroute:0.1.0)
 #   PDROUTE_VALUES         chart values file             (default charts/pdroute/examples/simulator.yaml)
 #   ENVOY_GATEWAY_VERSION  (default v1.7.0)   AI_GATEWAY_VERSION (default v0.5.0)
-#   GIE_VERSION            InferencePool CRDs (default v1.0.1)
+#   GIE_VERSION            InferencePool CRDs (default v1.6.0)
 #   KIND_NODE_IMAGE        optional kindest/node image
 set -euo pipefail
 
@@ -24,7 +24,7 @@ IMAGE="${PDROUTE_IMAGE:-ghcr.io/pdroute/pdroute:0.1.0}"
 VALUES="${PDROUTE_VALUES:-$ROOT/charts/pdroute/examples/simulator.yaml}"
 EG_VERSION="${ENVOY_GATEWAY_VERSION:-v1.7.0}"
 AIGW_VERSION="${AI_GATEWAY_VERSION:-v0.5.0}"
-GIE_VERSION="${GIE_VERSION:-v1.0.1}"
+GIE_VERSION="${GIE_VERSION:-v1.6.0}"
 NS="default"
 STATE_DIR="${XDG_STATE_HOME:-$HOME/.local/state}/pdroute-kind/$CLUSTER"
 CTX="kind-$CLUSTER"

@@ -58,7 +58,16 @@ def kubeconform_validator(kubeconform: str, schema_dir: Path) -> Validator:
 
     def run(text: str) -> Validation:
         r = subprocess.run(
-            [kubeconform, "-strict", "-verbose", "-output", "json", "-schema-location", location, "-"],
+            [
+                kubeconform,
+                "-strict",
+                "-verbose",
+                "-output",
+                "json",
+                "-schema-location",
+                location,
+                "-",
+            ],
             input=text,
             capture_output=True,
             text=True,
