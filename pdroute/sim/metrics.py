@@ -13,6 +13,7 @@ Invariant: ``render`` reads state only; everything else is O(1) per observation.
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,17 +50,21 @@ def _labels(pairs: dict[str, str]) -> str:
 
 
 class Histogram:
-    __slots__ = ("bounds", "counts", "labels", "sum")
+    __slots__ = ("bounds", "counts", "labels", "rendered", "sum", "version")
 
     def __init__(self, buckets: str) -> None:
         self.labels = [*buckets.split(), "+Inf"]
         self.bounds = [float(x) for x in buckets.split()]
         self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
+        self.version = 0
+        #: (version, text) of the last rendering, reused while nothing was observed.
+        self.rendered: tuple[int, str] = (-1, "")
 
     def observe(self, v: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, v)] += 1
         self.sum += v
+        self.version += 1
 
     @property
     def count(self) -> int:
@@ -203,39 +208,70 @@ class ServerMetrics:
         self._base = {"engine": engine, "model_name": model_name}
         self._lb = _labels(self._base)
         self._cache_info = _labels({**cache_config, "engine": engine})
+        self._lbl_cache: dict[tuple[tuple[str, str], ...], str] = {}
+        self._static: dict[tuple[str, tuple[str, ...]], tuple[str, list[str], str]] = {}
+        self._heads: dict[str, str] = {}
+        self._hstatic: dict[str, tuple[str, list[str], tuple[str, str], str]] = {}
 
+    # Rendering caches: label strings and static text are built once per series.
     def _lbl(self, **extra: str) -> str:
-        return _labels({**self._base, **extra})
+        key = tuple(sorted(extra.items()))
+        got = self._lbl_cache.get(key)
+        if got is None:
+            got = self._lbl_cache[key] = _labels({**self._base, **extra})
+        return got
 
     def _counter(
         self, out: list[str], name: str, help_: str, series: list[tuple[str, float]]
     ) -> None:
-        out.append(f"# HELP vllm:{name}_total {help_}\n# TYPE vllm:{name}_total counter\n")
-        for lbl, v in series:
-            out.append(f"vllm:{name}_total{lbl} {_fmt(v)}\n")
-        out.append(f"# HELP vllm:{name}_created {help_}\n# TYPE vllm:{name}_created gauge\n")
-        for lbl, _v in series:
-            out.append(f"vllm:{name}_created{lbl} {self._created}\n")
+        key = (name, tuple(lbl for lbl, _ in series))
+        parts = self._static.get(key)
+        if parts is None:
+            head = f"# HELP vllm:{name}_total {help_}\n# TYPE vllm:{name}_total counter\n"
+            pre = [f"vllm:{name}_total{lbl} " for lbl, _ in series]
+            tail = (
+                f"# HELP vllm:{name}_created {help_}\n# TYPE vllm:{name}_created gauge\n"
+                + "".join(f"vllm:{name}_created{lbl} {self._created}\n" for lbl, _ in series)
+            )
+            parts = self._static[key] = (head, pre, tail)
+        head, pre, tail = parts
+        out.append(head)
+        for p, (_lbl, v) in zip(pre, series, strict=True):
+            out.append(f"{p}{v!r}\n" if type(v) is float else f"{p}{float(v)!r}\n")
+        out.append(tail)
 
     def _gauge(
         self, out: list[str], name: str, help_: str, series: list[tuple[str, float]]
     ) -> None:
-        out.append(f"# HELP vllm:{name} {help_}\n# TYPE vllm:{name} gauge\n")
+        head = self._heads.get(name)
+        if head is None:
+            head = self._heads[name] = f"# HELP vllm:{name} {help_}\n# TYPE vllm:{name} gauge\n"
+        out.append(head)
         for lbl, v in series:
-            out.append(f"vllm:{name}{lbl} {_fmt(v)}\n")
+            out.append(f"vllm:{name}{lbl} {float(v)!r}\n")
 
     def _hist(self, out: list[str], name: str, help_: str, h: Histogram) -> None:
-        e, m = self._engine, self._model
-        out.append(f"# HELP vllm:{name} {help_}\n# TYPE vllm:{name} histogram\n")
-        acc = 0
-        for le, c in zip(h.labels, h.counts, strict=True):
-            acc += c
-            out.append(f'vllm:{name}_bucket{{engine="{e}",le="{le}",model_name="{m}"}} {acc}.0\n')
-        out.append(
-            f"vllm:{name}_count{self._lb} {acc}.0\nvllm:{name}_sum{self._lb} {_fmt(h.sum)}\n"
-        )
-        out.append(f"# HELP vllm:{name}_created {help_}\n# TYPE vllm:{name}_created gauge\n")
-        out.append(f"vllm:{name}_created{self._lb} {self._created}\n")
+        parts = self._hstatic.get(name)
+        if parts is None:
+            e, m, lb = self._engine, self._model, self._lb
+            head = f"# HELP vllm:{name} {help_}\n# TYPE vllm:{name} histogram\n"
+            pre = [
+                f'vllm:{name}_bucket{{engine="{e}",le="{le}",model_name="{m}"}} ' for le in h.labels
+            ]
+            mid = (f"vllm:{name}_count{lb} ", f"vllm:{name}_sum{lb} ")
+            tail = (
+                f"# HELP vllm:{name}_created {help_}\n# TYPE vllm:{name}_created gauge\n"
+                f"vllm:{name}_created{lb} {self._created}\n"
+            )
+            parts = self._hstatic[name] = (head, pre, mid, tail)
+        head, pre, mid, tail = parts
+        version, text = h.rendered
+        if version != h.version:
+            cum = list(itertools.accumulate(h.counts))
+            text = "".join([f"{p}{a}.0\n" for p, a in zip(pre, cum, strict=True)])
+            text = f"{head}{text}{mid[0]}{cum[-1]}.0\n{mid[1]}{h.sum!r}\n{tail}"
+            h.rendered = (h.version, text)
+        out.append(text)
 
     def render(self) -> str:
         s = self.stats
