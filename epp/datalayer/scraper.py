@@ -17,7 +17,9 @@ Design:
   which only looks at the few series the mapping names.
 * Any failure (connect error, timeout, non-200, oversized body, parse error, missing
   metric) increments ``llm_d_epp_datalayer_poll_errors{endpoint}`` and leaves the
-  endpoint's metrics untouched: they age and the datastore marks them stale.
+  endpoint's metrics untouched: they age and the datastore marks them stale. A
+  warning is logged when an endpoint starts failing and an info line when it
+  recovers (not on every failed tick).
 * Time comes from ``datastore.clock`` (``updated_at``) and an injectable ``sleep``
   (virtual-time tests). ``fetch`` can be injected to test scheduling without HTTP.
 """
@@ -96,6 +98,8 @@ class MetricsScraper:
         self._fetch: Fetch = fetch or self._http_fetch
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._unknown_engines: set[str] = set()
+        #: Endpoints whose last scrape failed (a warning is logged on the transition).
+        self._failing: set[str] = set()
         #: Cumulative counters, for observability and tests.
         self.scrapes = 0
         self.errors = 0
@@ -150,6 +154,7 @@ class MetricsScraper:
         task = self._inflight.pop(key, None)
         if task is not None:
             task.cancel()
+        self._failing.discard(key)
         with contextlib.suppress(KeyError):
             DATALAYER_POLL_ERRORS.remove(key)
 
@@ -190,13 +195,26 @@ class MetricsScraper:
             self._failed(key, exc)
             return
         self.scrapes += 1
+        if key in self._failing:
+            self._failing.discard(key)
+            log.info("metrics scrape of %s recovered", key)
         self._ds.update_metrics(key, replace(metrics, updated_at=self._ds.clock()))
 
     def _failed(self, key: str, exc: BaseException) -> None:
         self.errors += 1
-        if self._ds.get(key) is not None:  # no label series for removed endpoints
-            DATALAYER_POLL_ERRORS.labels(endpoint=key).inc()
-        log.debug("scrape %s failed: %s: %s", key, type(exc).__name__, exc)
+        if self._ds.get(key) is None:
+            return  # removed meanwhile: no label series, no state
+        DATALAYER_POLL_ERRORS.labels(endpoint=key).inc()
+        if key not in self._failing:
+            self._failing.add(key)
+            log.warning(
+                "metrics scrape of %s failed (%s: %s); its metrics will go stale until it recovers",
+                key,
+                type(exc).__name__,
+                exc or "timeout",
+            )
+        else:
+            log.debug("scrape %s failed: %s: %s", key, type(exc).__name__, exc)
 
     def url_for(self, ep: Endpoint) -> str:
         return f"{self._scheme}://{ep.metrics_host_port}{self._path}"

@@ -94,7 +94,7 @@ async def test_scrapes_capture_into_datastore(serve: Callable[[Handler], Awaitab
 
 
 async def test_failures_counted_and_metrics_left_to_go_stale(
-    serve: Callable[[Handler], Awaitable[int]],
+    serve: Callable[[Handler], Awaitable[int]], caplog: pytest.LogCaptureFixture
 ) -> None:
     async def garbage(_req: web.Request) -> web.Response:
         return web.Response(text="<html>oops</html>")
@@ -124,6 +124,10 @@ async def test_failures_counted_and_metrics_left_to_go_stale(
     assert all(ds.metrics(k) is None for k in keys)
     assert all(v.stale for v in ds.snapshot().endpoints)
     assert scraper.scrapes == 0
+    # One warning per failing endpoint, not one per failed tick.
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sorted(w.split()[3] for w in warned) == sorted(keys)
+    assert any("HTTP 503" in w for w in warned)
 
 
 async def test_hung_server_times_out_without_blocking_others(
