@@ -160,20 +160,36 @@ def served_endpoint(msg: pb.ProcessingRequest) -> str | None:
     return None
 
 
-class _ModelLabels:
-    """Bounded model-name label values: the first N names, then ``other``."""
+class _ModelMetrics:
+    """Per-model metric children, cached (``labels()`` is costly on the hot path).
+
+    Invariant: at most ``limit`` distinct model names get their own series; the
+    rest share ``other``, so a client sending random model names cannot grow the
+    registry without bound.
+    """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._seen: set[str] = set()
+        self._children: dict[str, tuple[Any, Any]] = {}
 
-    def __call__(self, name: str) -> str:
-        if name in self._seen:
-            return name
-        if len(self._seen) < self._limit:
-            self._seen.add(name)
+    def label(self, name: str) -> str:
+        if name in self._children or len(self._children) < self._limit:
             return name
         return "other"
+
+    def done(self, name: str) -> tuple[Any, Any]:
+        """(requests counter, duration histogram) children for ``name``."""
+        c = self._children.get(name)
+        if c is None:
+            label = self.label(name)
+            c = self._children.get(label)
+            if c is None:
+                c = (
+                    metrics.REQUESTS.labels(label),
+                    metrics.REQUEST_DURATION.labels(label),
+                )
+                self._children[label] = c
+        return c
 
 
 def _model_of(decision: RoutingDecision | None) -> str:
@@ -246,7 +262,7 @@ class StreamHandler:
         self._honor_subset = honor_subset_hint
         self._clock = clock
         self._new_rid = new_request_id
-        self._model_label = _ModelLabels(MAX_MODEL_LABELS)
+        self._model_metrics = _ModelMetrics(MAX_MODEL_LABELS)
 
     async def run(self, read: Reader, write: Writer, eof: object = None) -> None:
         """Serve one stream: ``read()`` returns the next request or ``eof``."""
@@ -432,7 +448,7 @@ class StreamHandler:
     async def _reject(self, s: _Stream, write: Writer, err: EppError) -> None:
         s.phase = _PH_CLOSED
         s.chunks = []
-        model = self._model_label(_model_of(s.decision))
+        model = self._model_metrics.label(_model_of(s.decision))
         metrics.REQUEST_ERRORS.labels(model, str(err.status)).inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request %s rejected: %s %s", s.request_id, err.status, err.message)
@@ -508,9 +524,9 @@ class StreamHandler:
             decision.finish(info)
         except Exception:
             log.exception("finish hook failed (request id %s)", s.request_id)
-        model = self._model_label(_model_of(decision))
-        metrics.REQUESTS.labels(model).inc()
-        metrics.REQUEST_DURATION.labels(model).observe(self._clock() - s.started)
+        requests, duration = self._model_metrics.done(_model_of(decision))
+        requests.inc()
+        duration.observe(self._clock() - s.started)
 
 
 def _lb_metadata(endpoints: str) -> struct_pb2.Struct:

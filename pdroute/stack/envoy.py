@@ -95,6 +95,9 @@ class EnvoyOptions:
     epp_tls: bool = False
     #: FailOpen (True) or FailClose (False, the InferencePool CRD default).
     failure_mode_allow: bool = False
+    #: False renders Envoy alone (no ext_proc: the pool's least-request policy routes);
+    #: for overhead baselines.
+    epp_enabled: bool = True
     #: gRPC health check of the EPP (0 disables; fail-open depends on it, see _epp_cluster).
     epp_health_interval_s: float = 1.0
     #: Per-message ext_proc timeout (Envoy's default, 200 ms, is too short for queueing).
@@ -307,7 +310,7 @@ def render_bootstrap(o: EnvoyOptions) -> dict[str, Any]:
         )
     if o.mode == MODE_POOL and not o.pool:
         raise EnvoyConfigError("pool: mode 'pool' needs the pool members (ip:port list)")
-    if o.mode == MODE_ORIGINAL_DST and o.failure_mode_allow:
+    if o.mode == MODE_ORIGINAL_DST and (o.failure_mode_allow or not o.epp_enabled):
         raise EnvoyConfigError(
             "failure_mode_allow: fail-open needs mode 'pool' (an ORIGINAL_DST cluster without "
             "EPP metadata would route to the listener's own address)"
@@ -323,10 +326,13 @@ def render_bootstrap(o: EnvoyOptions) -> dict[str, Any]:
             "virtual_hosts": [{"name": "pool", "domains": ["*"], "routes": [_route(o)]}],
         },
         "http_filters": [
-            _ext_proc_filter(o),
+            *([_ext_proc_filter(o)] if o.epp_enabled else []),
             {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
         ],
     }
+    clusters = [_pool_cluster(o)]
+    if o.epp_enabled:
+        clusters.insert(0, _epp_cluster(o))
     return {
         "admin": {"address": _addr(o.admin_host, o.admin_port)},
         "static_resources": {
@@ -346,7 +352,7 @@ def render_bootstrap(o: EnvoyOptions) -> dict[str, Any]:
                     ],
                 }
             ],
-            "clusters": [_epp_cluster(o), _pool_cluster(o)],
+            "clusters": clusters,
         },
     }
 
