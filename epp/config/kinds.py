@@ -47,6 +47,7 @@ _BUILTIN: dict[str, PluginKind] = {
     "prefix-cache-scorer": PluginKind.SCORER,
     "session-affinity-scorer": PluginKind.SCORER,
     "active-request-scorer": PluginKind.SCORER,
+    "token-load-scorer": PluginKind.SCORER,
     # pickers
     "max-score-picker": PluginKind.PICKER,
     "random-picker": PluginKind.PICKER,

@@ -124,31 +124,46 @@ class BuildContext:
         or an ``approx-prefix-cache-producer`` with defaults created on first use
         (llm-d auto-creates producers for consumers the same way).
         """
+        return self.producer(
+            PrefixMatchProducer,  # type: ignore[type-abstract]
+            name,
+            key=key,
+            default_type="approx-prefix-cache-producer",
+            param="prefixMatchInfoProducerName",
+        )
+
+    def producer(
+        self, base: type[P], name: str | None, *, key: str, default_type: str, param: str
+    ) -> P:
+        """A producer of class ``base`` for a consumer plugin.
+
+        ``name`` given -> that plugin. Otherwise the single configured plugin of that
+        class, or one of ``default_type`` with default parameters, created once and
+        shared by every consumer.
+        """
         if name is not None:
-            return self.plugin(name, PrefixMatchProducer, key=key)  # type: ignore[type-abstract]
+            return self.plugin(name, base, key=key)
         candidates = [
             s
             for s in self.config.plugins
-            if (c := _TYPES.get(s.type)) is not None and issubclass(c, PrefixMatchProducer)
+            if (c := _TYPES.get(s.type)) is not None and issubclass(c, base)
         ]
         if len(candidates) > 1:
             names = ", ".join(s.name for s in candidates)
-            raise self.error(
-                key,
-                f"several prefix producers ({names}); name one with prefixMatchInfoProducerName",
-            )
+            raise self.error(key, f"several candidates ({names}); name one with {param}")
         if candidates:
-            return self.plugin(candidates[0].name, PrefixMatchProducer, key=key)  # type: ignore[type-abstract]
-        auto = "approx-prefix-cache-producer"
-        done = self._built.get(auto)
-        if isinstance(done, PrefixMatchProducer):
+            return self.plugin(candidates[0].name, base, key=key)
+        done = self._built.get(default_type)
+        if isinstance(done, base):
             return done
-        cls = _TYPES.get(auto)
-        if cls is None:  # pragma: no cover - the built-in is always registered
-            raise self.error(key, "no prefix producer available")
-        spec = PluginSpec(name=auto, type=auto, kind=PluginKind.PRODUCER, path=f"{key}<implicit>")
-        plugin = cls.from_params(auto, spec.params(self.source), self)
-        assert isinstance(plugin, PrefixMatchProducer)
-        self._built[auto] = plugin
+        cls = _TYPES.get(default_type)
+        if cls is None:  # pragma: no cover - built-ins are always registered
+            raise self.error(key, f"no {default_type} available")
+        spec = PluginSpec(
+            name=default_type, type=default_type, kind=cls.kind, path=f"{key}<implicit>"
+        )
+        plugin = cls.from_params(default_type, spec.params(self.source), self)
+        assert isinstance(plugin, base)
+        self._built[default_type] = plugin
         self.implicit.append(plugin)
         return plugin

@@ -6,11 +6,13 @@ then add its import here. Parameters and formulas: README.md in this folder.
 """
 
 from epp.scheduling.plugins import (
+    active_request_scorer,
     always_disagg_pd_decider,
     approx_prefix_cache_producer,
     decode_filter,
     disagg_profile_handler,
     encode_filter,
+    inflight_load_producer,
     kv_cache_utilization_scorer,
     label_selector_filter,
     load_aware_scorer,
@@ -27,17 +29,20 @@ from epp.scheduling.plugins import (
     running_requests_size_scorer,
     session_affinity_scorer,
     single_profile_handler,
+    token_load_scorer,
     token_producer,
     utilization_detector,
     weighted_random_picker,
 )
 
 __all__ = [
+    "active_request_scorer",
     "always_disagg_pd_decider",
     "approx_prefix_cache_producer",
     "decode_filter",
     "disagg_profile_handler",
     "encode_filter",
+    "inflight_load_producer",
     "kv_cache_utilization_scorer",
     "label_selector_filter",
     "load_aware_scorer",
@@ -54,6 +59,7 @@ __all__ = [
     "running_requests_size_scorer",
     "session_affinity_scorer",
     "single_profile_handler",
+    "token_load_scorer",
     "token_producer",
     "utilization_detector",
     "weighted_random_picker",
