@@ -278,6 +278,9 @@ def test_fallback_endpoint_used_when_primary_dies(fresh_local_stack: Target) -> 
     dead = t.component("sim-decode-0")
     alive = t.component("sim-decode-1")["address"]
     _kill(dead["pid"])
+    # Envoy drops its pooled connections to the dead server once it sees them close;
+    # requests already written on such a connection are not retried (not idempotent).
+    time.sleep(0.5)
     # Right after the kill the EPP still sees decode-0 (its metrics are not yet
     # stale), so some picks name it first: Envoy must walk to the fallback.
     for i in range(12):

@@ -6,7 +6,8 @@ of each decode server, the EPP (with a generated endpoint file and
 EndpointPickerConfig), and Envoy (bootstrap rendered by
 :mod:`pdroute.stack.envoy`). It waits until each is ready, prints the OpenAI base
 URL and what runs where, and on Ctrl-C / SIGTERM stops everything it started.
-If any child dies, the stack stops and says which one, with its log tail.
+If a child dies the stack says which one, with its log tail, and keeps the rest
+running (fallbacks and the EPP's failure mode are there for exactly that).
 
 Every generated file and every log lives in the run directory (printed), so a
 user can read exactly what was started and how.
@@ -29,7 +30,7 @@ import orjson
 import yaml
 
 from pdroute.stack.envoy import MODE_POOL, EnvoyOptions, bootstrap_yaml, envoy_argv, find_envoy
-from pdroute.stack.procs import Child, StackError, Supervisor, require_free_ports
+from pdroute.stack.procs import Child, StackError, Supervisor, require_free_ports, tail
 
 ROLE_LABEL = "llm-d.ai/role"
 
@@ -65,6 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--vllm",
         action="store_true",
         help="real vLLM-CPU with NixlConnector (1 prefill + 1 decode) instead of the simulator",
+    )
+    p.add_argument(
+        "--sim-processes",
+        choices=["per-server", "shared"],
+        default="per-server",
+        help="one simulator process per server (default) or one per role",
     )
     p.add_argument("--epp-tls", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--ready-timeout", type=float, default=60.0, help="seconds per component")
@@ -179,19 +186,24 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def epp_config_text(plan: Plan) -> str:
-    """Default scorers (queue 2, KV-cache 2, prefix 3); with prefill servers, llm-d's
+    """Default scorers (queue 2, KV-cache 2, prefix 3, session 10; the picker adds one
+    fallback endpoint); with prefill servers, llm-d's
     P/D layout with the prefix-based decider at ``--pd-threshold`` uncached tokens."""
     scorers: list[dict[str, object]] = [
         {"pluginRef": "queue-scorer", "weight": 2},
         {"pluginRef": "kv-cache-utilization-scorer", "weight": 2},
         {"pluginRef": "prefix-cache-scorer", "weight": 3},
+        # 0 for every endpoint unless the client presents x-session-token; then it
+        # outweighs the others together, so a session stays where it started.
+        {"pluginRef": "session-affinity-scorer", "weight": 10},
     ]
     plugins: list[dict[str, object]] = [
         {"type": "approx-prefix-cache-producer"},
         {"type": "prefix-cache-scorer"},
         {"type": "queue-scorer"},
         {"type": "kv-cache-utilization-scorer"},
-        {"type": "max-score-picker"},
+        {"type": "session-affinity-scorer"},
+        {"type": "max-score-picker", "parameters": {"maxNumOfEndpoints": 2}},
     ]
     doc: dict[str, object] = {"apiVersion": "llm-d.ai/v1alpha1", "kind": "EndpointPickerConfig"}
     if plan.pd:
@@ -279,30 +291,43 @@ class Stack:
         await self.sup.wait_ready(child, probe, timeout_s=limit_s)
 
     async def _start_sims(self, http: aiohttp.ClientSession) -> None:
+        """One process per server by default, so one server can fail alone (tests kill
+        one to see fallbacks); ``--sim-processes shared`` hosts each role's servers in
+        one process (cheaper for large fleets)."""
         plan, a = self.plan, self.plan.args
         groups = [("decode", plan.decode_server_ports), ("prefill", plan.prefill_ports)]
         for role, ports in groups:
             if not ports:
                 continue
             sim_role = role if plan.pd else "both"
-            argv = _pdroute(
-                "sim",
-                "--port",
-                str(ports[0]),
-                "--replicas",
-                str(len(ports)),
-                "--model",
-                a.model,
-                "--profile",
-                a.profile,
-                "--role",
-                sim_role,
-            )
-            child = self.sup.start(f"sim-{role}", argv)
-            urls = [f"http://127.0.0.1:{p}/health" for p in ports]
-            await self._wait(http, child, urls, a.ready_timeout)
-            for i, p in enumerate(ports):
-                self.components.append((f"{role}-{i} (simulated vLLM)", child, f"127.0.0.1:{p}"))
+            batches = [ports] if a.sim_processes == "shared" else [[p] for p in ports]
+            started: list[tuple[Child, list[int]]] = []
+            for batch in batches:
+                argv = _pdroute(
+                    "sim",
+                    "--port",
+                    str(batch[0]),
+                    "--replicas",
+                    str(len(batch)),
+                    "--model",
+                    a.model,
+                    "--profile",
+                    a.profile,
+                    "--role",
+                    sim_role,
+                    "--seed",
+                    str(batch[0]),
+                )
+                name = f"sim-{role}" if len(batches) == 1 else f"sim-{role}-{len(started)}"
+                started.append((self.sup.start(name, argv), batch))
+            for child, batch in started:
+                urls = [f"http://127.0.0.1:{p}/health" for p in batch]
+                await self._wait(http, child, urls, a.ready_timeout)
+                for p in batch:
+                    i = ports.index(p)
+                    self.components.append(
+                        (f"{role}-{i} (simulated vLLM)", child, f"127.0.0.1:{p}")
+                    )
 
     async def _start_vllm(self, http: aiohttp.ClientSession) -> None:
         from pdroute.stack.vllm import VllmSpec, build_command, find_vllm_install, probe_ready
@@ -445,7 +470,13 @@ class Stack:
             "model": a.model,
             "run_dir": str(self.plan.run_dir),
             "components": [
-                {"what": what, "address": addr, "pid": c.pid, "log": str(c.log_path)}
+                {
+                    "what": what,
+                    "name": c.name,
+                    "address": addr,
+                    "pid": c.pid,
+                    "log": str(c.log_path),
+                }
                 for what, c, addr in self.components
             ],
             "epp_metrics": f"http://127.0.0.1:{self.plan.epp_metrics}/metrics",
@@ -483,17 +514,20 @@ async def _serve(stack: Stack) -> int:
         if stack.plan.args.ready_file:
             stack.plan.args.ready_file.write_bytes(orjson.dumps(info))
         _print_ready(info)
+        reported: set[str] = set()
         while not stop.is_set():
-            dead = stack.sup.first_dead()
-            if dead is not None:
-                from pdroute.stack.procs import tail
-
-                print(
-                    f"\n{dead.name} exited unexpectedly; stopping the stack. "
-                    f"Last lines of {dead.log_path}:\n{tail(dead.log_path)}",
-                    file=sys.stderr,
-                )
-                return 1
+            # A dead component is reported, not fatal: the rest keeps serving (that is
+            # what fallbacks and the EPP's failure mode are for).
+            for child in stack.sup.children:
+                if not child.alive() and child.name not in reported:
+                    reported.add(child.name)
+                    print(
+                        f"\nwarning: {child.name} exited (code "
+                        f"{child.proc.returncode if child.proc else None}); the rest keeps "
+                        f"running. Last lines of {child.log_path}:\n{tail(child.log_path, 10)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
         print("\nstopping ...", flush=True)

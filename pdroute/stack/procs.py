@@ -125,9 +125,6 @@ class Supervisor:
             f"last lines of {child.log_path}:\n{tail(child.log_path)}"
         )
 
-    def first_dead(self) -> Child | None:
-        return next((c for c in self.children if not c.alive()), None)
-
     def stop_all(self, grace_s: float = 5.0) -> None:
         """SIGTERM every child's process group (reverse start order), then SIGKILL."""
         for child in reversed(self.children):
