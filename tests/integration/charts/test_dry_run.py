@@ -1,0 +1,278 @@
+"""Server-side dry run of the chart and the gateway manifests on a real kube-apiserver.
+
+kubeconform checks the OpenAPI shape; the API server also runs defaulting, CEL
+validation rules of the CRDs, built-in validation (label syntax, port names, probes,
+RBAC rules, HPA metric specs) and strict field validation. Every object is sent as a
+server-side apply with ``dryRun=All&fieldValidation=Strict``, so nothing is stored.
+
+The control plane is the kube tier's (``scripts/kube-apiserver.sh``, built by
+``scripts/bootstrap.d/50-kube.sh``); it ships the Gateway API and InferencePool CRDs.
+The other CRDs the manifests use (Envoy Gateway, Prometheus Operator, KEDA, Istio) are
+installed here from the sources ``scripts/bootstrap.d/55-helm.sh`` downloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+from chart_helpers import EXAMPLES, GATEWAY_MANIFESTS, REPO_ROOT, Doc, helm_template, load_docs
+
+sys.path.insert(0, str(REPO_ROOT / "tests" / "integration" / "kube"))
+from kube_helpers import SCRIPT, KubeCluster
+
+pytestmark = pytest.mark.kube
+
+CACHE = Path(os.environ.get("PDROUTE_CACHE", str(Path.home() / ".cache" / "pdroute")))
+KUBE_BIN = Path(os.environ.get("PDROUTE_KUBE_BIN", str(CACHE / "kube" / "bin")))
+KUBE_CRDS = Path(os.environ.get("PDROUTE_KUBE_CRDS", str(CACHE / "kube" / "crds")))
+MANAGER = "pdroute-chart-tests"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[KubeCluster]:
+    """A private etcd + kube-apiserver for this module (same script as the kube tier)."""
+    missing = [b for b in ("etcd", "kube-apiserver") if not (KUBE_BIN / b).exists()]
+    if missing or not list(KUBE_CRDS.glob("*.yaml")):
+        pytest.fail(
+            f"kube binaries/CRDs missing ({missing or 'CRDs'} under {KUBE_BIN.parent}); "
+            "run `PDROUTE_FULL=1 scripts/bootstrap`",
+            pytrace=False,
+        )
+    d = Path(tempfile.mkdtemp(prefix="pdroute-charts-kube-")) / "cp"
+    r = subprocess.run(
+        [str(SCRIPT), "start", str(d)], check=False, capture_output=True, text=True, timeout=300
+    )
+    try:
+        if r.returncode != 0:
+            pytest.fail(f"starting kube-apiserver failed:\n{r.stderr[-3000:]}", pytrace=False)
+        env = dict(
+            line.split("=", 1) for line in (d / "env").read_text().splitlines() if "=" in line
+        )
+        yield KubeCluster(
+            dir=d,
+            url=env["KUBE_URL"],
+            token=env["KUBE_TOKEN"],
+            token_file=env["KUBE_TOKEN_FILE"],
+            ca_file=env["KUBE_CA_FILE"],
+            epp_token_file=env["KUBE_EPP_TOKEN_FILE"],
+        )
+    finally:
+        subprocess.run([str(SCRIPT), "stop", str(d)], check=False, capture_output=True, timeout=60)
+
+
+class Api:
+    """Minimal admin client: discovery, CRD install and dry-run server-side apply."""
+
+    def __init__(self, cluster: KubeCluster, session: aiohttp.ClientSession) -> None:
+        self.url = cluster.url
+        self.s = session
+        self.h = {"Authorization": f"Bearer {cluster.token}"}
+        self._resources: dict[str, dict[str, tuple[str, bool]]] = {}
+
+    async def request(
+        self, method: str, path: str, body: Any = None, ctype: str = "application/json"
+    ) -> tuple[int, Any]:
+        headers = dict(self.h)
+        data = None
+        if body is not None:
+            data = orjson.dumps(body)
+            headers["Content-Type"] = ctype
+        async with self.s.request(method, self.url + path, data=data, headers=headers) as resp:
+            raw = await resp.read()
+            return resp.status, (orjson.loads(raw) if raw else None)
+
+    async def resources(self, api_version: str, *, refresh: bool = False) -> dict[str, Any]:
+        """kind -> (plural, namespaced) for one group/version ({} when not served)."""
+        if refresh or api_version not in self._resources:
+            path = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+            status, body = await self.request("GET", path)
+            found = {}
+            if status == 200:
+                for r in body["resources"]:
+                    if "/" not in r["name"]:
+                        found[r["kind"]] = (r["name"], r["namespaced"])
+            self._resources[api_version] = found
+        return self._resources[api_version]
+
+    async def ensure_crd(self, crd: Doc) -> None:
+        """Install a CRD if its kind is not served yet, and wait until it is."""
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        version = next(v["name"] for v in crd["spec"]["versions"] if v.get("storage"))
+        if kind in await self.resources(f"{group}/{version}"):
+            return
+        status, body = await self.request(
+            "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd
+        )
+        assert status in (201, 409), f"installing CRD {crd['metadata']['name']}: {body}"
+        for _ in range(300):
+            if kind in await self.resources(f"{group}/{version}", refresh=True):
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"CRD {crd['metadata']['name']} not served after 60s")
+
+    async def dry_run_apply(self, doc: Doc, namespace: str) -> tuple[int, Any]:
+        api_version, kind, name = doc["apiVersion"], doc["kind"], doc["metadata"]["name"]
+        kinds = await self.resources(api_version)
+        assert kind in kinds, f"{api_version} {kind} is not served by the API server"
+        plural, namespaced = kinds[kind]
+        base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+        if namespaced:
+            doc = {**doc, "metadata": {**doc["metadata"], "namespace": namespace}}
+            path = f"{base}/namespaces/{namespace}/{plural}/{name}"
+        else:
+            path = f"{base}/{plural}/{name}"
+        query = f"?dryRun=All&fieldValidation=Strict&fieldManager={MANAGER}&force=true"
+        return await self.request("PATCH", path + query, doc, ctype="application/apply-patch+yaml")
+
+
+def _extra_crds() -> list[Doc]:
+    """CRDs of the third-party kinds our manifests use (not shipped by the kube tier)."""
+    src = CACHE / "kube" / "crd-sources"
+    wanted = {
+        "gateway.envoyproxy.io": {
+            "Backend",
+            "BackendTrafficPolicy",
+            "EnvoyExtensionPolicy",
+            "EnvoyPatchPolicy",
+        },
+        "monitoring.coreos.com": {"ServiceMonitor", "PodMonitor"},
+        "keda.sh": {"ScaledObject"},
+        "networking.istio.io": {"DestinationRule"},
+    }
+    crds = []
+    for f in sorted(src.glob("*/*.yaml")):
+        if f.parent.name.startswith(("gateway-api-", "inferencepool-")):
+            continue  # the kube tier's own versions are already installed
+        for doc in yaml.load_all(
+            f.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        ):
+            if not isinstance(doc, dict) or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            if doc["spec"]["names"]["kind"] in wanted.get(doc["spec"]["group"], set()):
+                crds.append(doc)
+    found = {(c["spec"]["group"], c["spec"]["names"]["kind"]) for c in crds}
+    expected = {(g, k) for g, ks in wanted.items() for k in ks}
+    if found != expected:
+        pytest.fail(
+            f"CRD sources missing {sorted(expected - found)}; run `PDROUTE_FULL=1 scripts/bootstrap`",
+            pytrace=False,
+        )
+    return crds
+
+
+@pytest.fixture
+async def api(cluster: KubeCluster) -> AsyncIterator[Api]:
+    conn = aiohttp.TCPConnector(ssl=cluster.ssl_context())
+    async with aiohttp.ClientSession(connector=conn) as s:
+        a = Api(cluster, s)
+        for crd in await asyncio.to_thread(_extra_crds):
+            await a.ensure_crd(crd)
+        yield a
+
+
+async def _namespace(api: Api) -> str:
+    name = f"t-{secrets.token_hex(4)}"
+    status, body = await api.request(
+        "POST",
+        "/api/v1/namespaces",
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
+    )
+    assert status == 201, body
+    return name
+
+
+async def _dry_run_all(api: Api, docs: list[Doc], ns: str) -> list[Any]:
+    failures = []
+    answers = []
+    for doc in docs:
+        status, body = await api.dry_run_apply(doc, ns)
+        if status not in (200, 201):
+            failures.append(f"{doc['kind']}/{doc['metadata']['name']}: HTTP {status}: {body}")
+        answers.append(body)
+    assert failures == []
+    return answers
+
+
+VALUE_SETS: list[tuple[str, list[str]]] = [("defaults", [])] + [
+    (p.stem, ["-f", str(p)]) for p in EXAMPLES
+]
+
+
+@pytest.mark.parametrize(("name", "args"), VALUE_SETS, ids=[n for n, _ in VALUE_SETS])
+async def test_chart_dry_run(api: Api, helm: str, name: str, args: list[str]) -> None:
+    ns = await _namespace(api)
+    docs = load_docs(await asyncio.to_thread(helm_template, helm, *args, namespace=ns))
+    answers = await _dry_run_all(api, docs, ns)
+    pool = next(a for a in answers if a["kind"] == "InferencePool")
+    sent = next(d for d in docs if d["kind"] == "InferencePool")
+    assert pool["spec"]["endpointPickerRef"] == {
+        **sent["spec"]["endpointPickerRef"],
+        **pool["spec"]["endpointPickerRef"],
+    }
+    assert pool["metadata"]["namespace"] == ns
+    # Dry run stored nothing.
+    status, listing = await api.request(
+        "GET", f"/apis/inference.networking.k8s.io/v1/namespaces/{ns}/inferencepools"
+    )
+    assert status == 200 and listing["items"] == []
+
+
+GATEWAY_FILES = sorted(
+    p for p in GATEWAY_MANIFESTS.rglob("*.yaml") if not p.name.endswith("-values.yaml")
+) + sorted((REPO_ROOT / "e2e" / "manifests").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "path", GATEWAY_FILES, ids=[str(p.relative_to(REPO_ROOT)) for p in GATEWAY_FILES]
+)
+async def test_gateway_manifest_dry_run(api: Api, path: Path) -> None:
+    ns = await _namespace(api)
+    text = await asyncio.to_thread(path.read_text)
+    await _dry_run_all(api, load_docs(text), ns)
+
+
+async def test_dry_run_rejects_unknown_fields(api: Api) -> None:
+    """The check has teeth: strict field validation and CRD enums are enforced."""
+    ns = await _namespace(api)
+    pool = {
+        "apiVersion": "inference.networking.k8s.io/v1",
+        "kind": "InferencePool",
+        "metadata": {"name": "p"},
+        "spec": {
+            "selector": {"matchLabels": {"a": "b"}},
+            "targetPorts": [{"number": 8000}],
+            "endpointPickerRef": {"name": "e", "port": {"number": 9002}, "failureMode": "Maybe"},
+        },
+    }
+    status, body = await api.dry_run_apply(pool, ns)
+    assert status == 422, body
+    assert "failureMode" in str(body)
+    deploy = load_docs(_DEPLOYMENT)[0]
+    deploy["spec"]["replica"] = 1
+    status, body = await api.dry_run_apply(deploy, ns)
+    assert status in (400, 422), body
+    assert "replica" in str(body)
+
+
+_DEPLOYMENT = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: x}
+spec:
+  selector: {matchLabels: {a: b}}
+  template:
+    metadata: {labels: {a: b}}
+    spec: {containers: [{name: c, image: i}]}
+"""
