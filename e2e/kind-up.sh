@@ -102,7 +102,7 @@ log "waiting for the route to answer on 127.0.0.1:$PORT"
 for _ in $(seq 1 60); do
   if curl -fsS -o /dev/null "http://127.0.0.1:$PORT/v1/models"; then
     log "ready"
-    echo "export PDROUTE_E2E_TARGET=http://127.0.0.1:$PORT"
+    echo "export PDROUTE_E2E_GATEWAY_URL=http://127.0.0.1:$PORT"
     exit 0
   fi
   sleep 2
