@@ -24,8 +24,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 
-#: labels, value
+#: Distinct sample lines remembered (bounded: lines are short, ~2 KB at most in vLLM).
+LINE_CACHE_SIZE = 4096
+
+#: labels, value (treat the dict as read-only)
 Sample = tuple[dict[str, str], float]
 
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
@@ -135,7 +139,12 @@ def parse_line_rest(line: str, pos: int) -> Sample:
     return labels, _parse_value(line[pos:], line)
 
 
+@lru_cache(maxsize=LINE_CACHE_SIZE)
 def _parse_rest(name: str, rest: str) -> Sample:
+    """Parse one wanted line (after its name). Memoized: most scraped lines repeat
+    verbatim between scrapes (info series, idle gauges), and the label-heavy
+    ``cache_config_info`` line is the costliest to parse. Cached samples are shared,
+    so callers must not mutate the label dicts."""
     if rest.endswith("\r"):
         rest = rest[:-1]
     fast = _FAST_REST.match(rest)
