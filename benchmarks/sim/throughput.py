@@ -31,7 +31,7 @@ def percentile(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p / 100.0 * len(xs)))]
 
 
-async def start_sim(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], list[str]]:
+def start_sim(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], list[str]]:
     cmd = [
         sys.executable,
         "-m",
@@ -50,7 +50,7 @@ async def start_sim(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], 
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
     assert proc.stdout is not None
-    line = await asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline)
+    line = proc.stdout.readline()
     if not line:
         proc.kill()
         raise SystemExit("pdroute sim exited before printing its ports")
@@ -115,11 +115,9 @@ async def load(args: argparse.Namespace, targets: list[str]) -> dict[str, Any]:
     }
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    proc: subprocess.Popen[bytes] | None = None
-    targets = args.targets.split(",") if args.targets else []
-    if not targets:
-        proc, targets = await start_sim(args)
+async def main_async(
+    args: argparse.Namespace, proc: subprocess.Popen[bytes] | None, targets: list[str]
+) -> dict[str, Any]:
     cpu0 = _proc_cpu(proc.pid) if proc else None
     try:
         res = await load(args, targets)
@@ -169,12 +167,16 @@ def main() -> int:
     ap.add_argument("--targets", default="", help="comma list host:port; skips spawning the sim")
     ap.add_argument("--json", default="", help="also write the JSON result to this file")
     args = ap.parse_args()
+    proc: subprocess.Popen[bytes] | None = None
+    targets = args.targets.split(",") if args.targets else []
+    if not targets:
+        proc, targets = start_sim(args)
     try:
         import uvloop
 
-        res = uvloop.run(main_async(args))
+        res = uvloop.run(main_async(args, proc, targets))
     except ImportError:
-        res = asyncio.run(main_async(args))
+        res = asyncio.run(main_async(args, proc, targets))
     out = orjson.dumps(res, option=orjson.OPT_INDENT_2).decode()
     rows = [
         ("replicas", res["config"]["replicas"]),

@@ -286,3 +286,39 @@ async def test_queue_full_is_503() -> None:
 
         statuses = await asyncio.gather(*(one() for _ in range(6)))
     assert 503 in statuses and 200 in statuses
+
+
+async def test_responses_api_non_streaming(fleet: SimFleet, http: aiohttp.ClientSession) -> None:
+    body = {"model": MODEL, "input": "hello there", "max_output_tokens": 3}
+    async with http.post(url(fleet, "/v1/responses"), json=body) as r:
+        assert r.status == 200
+        j = await r.json()
+    assert j["object"] == "response" and j["id"].startswith("resp-")
+    assert j["usage"]["output_tokens"] == 3
+    assert j["output"][0]["content"][0]["type"] == "output_text"
+
+
+async def test_sha256_cbor_and_seed_change_published_hashes() -> None:
+    from pdroute.protocol.blockhash import sha256_cbor
+    from pdroute.protocol.kv_events import BlockStored
+
+    cfg = SimConfig(
+        model=MODEL,
+        profile=get_profile("instant"),
+        block_size=16,
+        hash_algo="sha256_cbor",
+        hash_seed="42",
+    )
+    async with SimFleet(cfg) as f, aiohttp.ClientSession() as s:
+        events: list[Any] = []
+        f.servers[0].engine.on_events = events.extend
+        prompt = "cbor hashes are language independent " * 6
+        async with s.post(url(f, "/v1/completions"), json={"prompt": prompt, "max_tokens": 1}) as r:
+            assert r.status == 200
+    [ev] = [e for e in events if isinstance(e, BlockStored)]
+    ids = Tokenizer().encode(prompt)
+    from pdroute.protocol.blockhash import to_event_hash
+
+    expected = chain_block_hashes(ids, 16, sha256_cbor, seed="42")
+    assert ev.block_hashes == [to_event_hash(h) for h in expected]
+    assert ev.block_hashes != [to_event_hash(h) for h in chain_block_hashes(ids, 16)]
