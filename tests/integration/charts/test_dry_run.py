@@ -276,3 +276,70 @@ spec:
     metadata: {labels: {a: b}}
     spec: {containers: [{name: c, image: i}]}
 """
+
+
+async def _can(api: Api, user: str, ns: str, verb: str, *gr: str) -> bool:
+    group, resource = gr
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": user,
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{ns}"],
+            "resourceAttributes": {
+                "namespace": ns,
+                "verb": verb,
+                "group": group,
+                "resource": resource,
+            },
+        },
+    }
+    status, body = await api.request(
+        "POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review
+    )
+    assert status == 201, body
+    return bool(body["status"].get("allowed"))
+
+
+async def test_rbac_grants_exactly_what_the_components_use(api: Api, helm: str) -> None:
+    """Create the chart's Roles for real; ask the RBAC authorizer what each SA may do."""
+    ns = await _namespace(api)
+    other = await _namespace(api)
+    docs = load_docs(
+        await asyncio.to_thread(
+            helm_template,
+            helm,
+            "-f",
+            str(EXAMPLES[0].parent / "simulator.yaml"),
+            "--set",
+            "epp.replicas=2",
+            namespace=ns,
+        )
+    )
+    for doc in docs:
+        if doc["kind"] in ("Role", "RoleBinding"):
+            plural = "roles" if doc["kind"] == "Role" else "rolebindings"
+            status, body = await api.request(
+                "POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/{plural}", doc
+            )
+            assert status == 201, body
+
+    epp = f"system:serviceaccount:{ns}:pdroute-epp"
+    sidecar = f"system:serviceaccount:{ns}:pdroute-model-server"
+    pool = ("inference.networking.k8s.io", "inferencepools")
+    # What pdroute.kube (pool/pod informers, leader election) does as the EPP.
+    for verb in ("get", "list", "watch"):
+        assert await _can(api, epp, ns, verb, "", "pods")
+        assert await _can(api, epp, ns, verb, *pool)
+        assert await _can(api, sidecar, ns, verb, "", "pods")
+        assert await _can(api, sidecar, ns, verb, *pool)
+    for verb in ("get", "create", "update"):
+        assert await _can(api, epp, ns, verb, "coordination.k8s.io", "leases")
+    assert await _can(api, epp, ns, "create", "", "events")
+    # ... and nothing more.
+    assert not await _can(api, epp, ns, "get", "", "secrets")
+    assert not await _can(api, epp, ns, "delete", "", "pods")
+    assert not await _can(api, epp, ns, "update", *pool)
+    assert not await _can(api, epp, other, "list", "", "pods")
+    assert not await _can(api, sidecar, ns, "create", "coordination.k8s.io", "leases")
+    assert not await _can(api, sidecar, ns, "get", "", "secrets")
