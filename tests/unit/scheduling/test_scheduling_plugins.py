@@ -293,3 +293,22 @@ def test_scores_outside_unit_interval_are_clamped_by_runner() -> None:
     prof.picker.pick = spy  # type: ignore[method-assign]
     prof.run(CycleState(), REQ, [view(0), view(1), view(2)])
     assert captured == [[2.0, 0.0, 0.0]]
+
+
+def test_every_cataloged_scheduler_type_is_implemented() -> None:
+    import epp.scheduling.plugins  # noqa: F401
+    from epp.config import known_plugin_types, plugin_kind
+    from epp.scheduling.registry import NOT_BUILT, plugin_class
+
+    missing = [
+        t
+        for t in known_plugin_types()
+        if plugin_kind(t) not in NOT_BUILT and plugin_class(t) is None and not t.startswith("test-")
+    ]
+    assert missing == []
+    # And every registered class declares the kind the catalog has for it.
+    for t in known_plugin_types():
+        cls = plugin_class(t)
+        if cls is not None:
+            assert cls.kind is plugin_kind(t), t
+            assert cls.type_name == t
