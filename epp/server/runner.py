@@ -45,7 +45,8 @@ class ServerOptions:
     grpc_port: int = 9002
     health_port: int = 9003
     metrics_port: int = 9090  # < 0 disables the metrics server
-    credentials: grpc.ServerCredentials | None = None
+    #: Factory of TLS credentials (one per bound port), None for plaintext.
+    credentials: Callable[[], grpc.ServerCredentials] | None = None
     max_receive_bytes: int = 17 * 1024 * 1024
     readiness_interval_s: float = 0.5
     gauge_interval_s: float = 1.0
@@ -89,7 +90,7 @@ class EppServer:
         addr = f"{self.options.host}:{port}"
         creds = self.options.credentials
         bound = (
-            server.add_secure_port(addr, creds)
+            server.add_secure_port(addr, creds())
             if creds is not None
             else server.add_insecure_port(addr)
         )

@@ -18,6 +18,7 @@ import datetime
 import ipaddress
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -117,10 +118,19 @@ class CertDir:
         return grpc.ssl_server_certificate_configuration([pair])
 
 
-def server_credentials(cert_path: Path | None) -> grpc.ServerCredentials:
-    """Credentials for ``--secure-serving``: a reloading cert dir or a self-signed pair."""
+def server_credentials(cert_path: Path | None) -> Callable[[], grpc.ServerCredentials]:
+    """A factory of credentials for ``--secure-serving``: a reloading cert dir or one
+    self-signed pair. gRPC consumes a dynamic credentials object when a port is
+    bound, so each server (ext_proc, health) needs its own: call the factory once
+    per port. The files are read (and validated) now, so a bad dir fails at start-up.
+    """
     if cert_path is None:
-        return grpc.ssl_server_credentials([self_signed()])
+        pair = self_signed()
+        return lambda: grpc.ssl_server_credentials([pair])
     cd = CertDir(cert_path)
-    initial = grpc.ssl_server_certificate_configuration([(cd.key_pem, cd.cert_pem)])
-    return grpc.dynamic_ssl_server_credentials(initial, cd.fetch)  # type: ignore[arg-type]
+
+    def make() -> grpc.ServerCredentials:
+        initial = grpc.ssl_server_certificate_configuration([(cd.key_pem, cd.cert_pem)])
+        return grpc.dynamic_ssl_server_credentials(initial, cd.fetch)  # type: ignore[arg-type]
+
+    return make
