@@ -108,7 +108,16 @@ async def test_failures_counted_and_metrics_left_to_go_stale(
     async def huge(_req: web.Request) -> web.Response:
         return web.Response(body=b"x" * 70_000)
 
-    ports = [await serve(h) for h in (garbage, bad_status, broken_line, huge)]
+    async def huge_chunked(req: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(req)
+        for _ in range(10):
+            await resp.write(b"y" * 10_000)
+        await resp.write_eof()
+        return resp
+
+    ports = [await serve(h) for h in (garbage, bad_status, broken_line, huge, huge_chunked)]
     clock = FakeClock()
     ds = Datastore(clock=clock, staleness_s=2.0)
     ds.replace_endpoints([Endpoint(f"e{i}", "127.0.0.1", p) for i, p in enumerate(ports)])
@@ -128,6 +137,33 @@ async def test_failures_counted_and_metrics_left_to_go_stale(
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert sorted(w.split()[3] for w in warned) == sorted(keys)
     assert any("HTTP 503" in w for w in warned)
+    assert any("body of 70000 bytes exceeds" in w for w in warned)
+    assert any("body exceeds 65536 bytes" in w for w in warned)  # chunked, no length
+
+
+async def test_chunked_body_is_read(serve: Callable[[Handler], Awaitable[int]]) -> None:
+    async def chunked(req: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(req)
+        data = CAPTURE.encode()
+        for i in range(0, len(data), 7000):
+            await resp.write(data[i : i + 7000])
+        await resp.write_eof()
+        return resp
+
+    port = await serve(chunked)
+    ds = Datastore()
+    ds.replace_endpoints([Endpoint("c", "127.0.0.1", port)])
+    scraper = MetricsScraper(ds, interval_s=0.02)
+    task = asyncio.create_task(scraper.run())
+    try:
+        await _wait(lambda: ds.metrics(f"127.0.0.1:{port}") is not None)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    m = ds.metrics(f"127.0.0.1:{port}")
+    assert m is not None and m.waiting == 6 and m.num_blocks == 8192
 
 
 async def test_hung_server_times_out_without_blocking_others(
