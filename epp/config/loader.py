@@ -21,6 +21,7 @@ This runs once at start-up, so plain PyYAML is fine here.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +40,8 @@ from epp.config.model import (
     ProfilePluginRef,
     ProfileSpec,
 )
+
+log = logging.getLogger(__name__)
 
 _TOP_KEYS = (
     "apiVersion",
@@ -165,6 +168,10 @@ class _Builder:
         if api_version not in API_VERSIONS:
             raise self.err(
                 "apiVersion", f"must be one of {', '.join(API_VERSIONS)}; got {api_version!r}"
+            )
+        if api_version != API_VERSIONS[0]:
+            log.info(
+                "%s: apiVersion %s is deprecated; use %s", self.source, api_version, API_VERSIONS[0]
             )
         if top.get("kind") != KIND:
             raise self.err("kind", f"must be {KIND}; got {top.get('kind')!r}")
