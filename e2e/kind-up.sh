@@ -12,6 +12,7 @@
 #   PDROUTE_E2E_PORT       local port of the gateway     (default 8080)
 #   PDROUTE_IMAGE          image to build and load       (default ghcr.io/pdroute/pdroute:0.1.0)
 #   PDROUTE_VALUES         chart values file             (default charts/pdroute/examples/simulator.yaml)
+#   PDROUTE_E2E_MODEL      model the readiness request names (default sim-model)
 #   ENVOY_GATEWAY_VERSION  (default v1.7.0)   AI_GATEWAY_VERSION (default v0.5.0)
 #   GIE_VERSION            InferencePool CRDs (default v1.6.0)
 #   KIND_NODE_IMAGE        optional kindest/node image
@@ -22,6 +23,7 @@ CLUSTER="${PDROUTE_KIND_CLUSTER:-pdroute}"
 PORT="${PDROUTE_E2E_PORT:-8080}"
 IMAGE="${PDROUTE_IMAGE:-ghcr.io/pdroute/pdroute:0.1.0}"
 VALUES="${PDROUTE_VALUES:-$ROOT/charts/pdroute/examples/simulator.yaml}"
+MODEL="${PDROUTE_E2E_MODEL:-sim-model}"
 EG_VERSION="${ENVOY_GATEWAY_VERSION:-v1.7.0}"
 AIGW_VERSION="${AI_GATEWAY_VERSION:-v0.5.0}"
 GIE_VERSION="${GIE_VERSION:-v1.6.0}"
@@ -33,7 +35,7 @@ log() { printf '[kind-up %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 kc() { kubectl --context "$CTX" "$@"; }
 
-for tool in docker kind kubectl helm; do
+for tool in docker kind kubectl helm curl; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is not installed (see docs/kubernetes.md)"
 done
 docker info >/dev/null 2>&1 || die "docker is not running"
@@ -100,7 +102,9 @@ echo $! >"$STATE_DIR/port-forward.pid"
 
 log "waiting for the route to answer on 127.0.0.1:$PORT"
 for _ in $(seq 1 60); do
-  if curl -fsS -o /dev/null "http://127.0.0.1:$PORT/v1/models"; then
+  if curl -fsS -o /dev/null -H 'content-type: application/json' \
+    -d "{\"model\":\"$MODEL\",\"prompt\":\"ping\",\"max_tokens\":1}" \
+    "http://127.0.0.1:$PORT/v1/completions"; then
     log "ready"
     echo "export PDROUTE_E2E_GATEWAY_URL=http://127.0.0.1:$PORT"
     exit 0
