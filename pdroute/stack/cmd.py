@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import tempfile
@@ -264,8 +265,11 @@ class Stack:
     async def start(self) -> None:
         plan, a = self.plan, self.plan.args
         envoy = find_envoy()
-        if not envoy:
-            raise StackError("Envoy not found: run scripts/bootstrap (or set $PDROUTE_ENVOY)")
+        if not envoy or not os.access(envoy, os.X_OK):
+            raise StackError(
+                f"Envoy not found{f' at {envoy}' if envoy else ''}: "
+                "run scripts/bootstrap (or set $PDROUTE_ENVOY to the binary)"
+            )
         require_free_ports(plan.all_ports(), "127.0.0.1")
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         async with aiohttp.ClientSession() as http:
