@@ -112,6 +112,9 @@ class VllmSpec:
     max_model_len: int = 2048
     served_model_name: str | None = None
     enable_prefix_caching: bool = True
+    #: Skip torch.compile (``--enforce-eager``): start-up drops by minutes on a busy
+    #: 2-core machine (inductor compiles C++ at start), and a tiny model gains nothing.
+    enforce_eager: bool = True
     #: ZMQ endpoint for KV events (``--kv-events-config``); None: no events.
     kv_events_endpoint: str | None = None
     kv_events_topic: str = "kv-events"
@@ -159,6 +162,8 @@ def build_command(
     argv.append(
         "--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"
     )
+    if spec.enforce_eager:
+        argv.append("--enforce-eager")
     if spec.nixl_side_channel_port is not None:
         kv_cfg: dict[str, object] = {
             "kv_connector": "NixlConnector",
