@@ -449,3 +449,24 @@ def test_autoscalers_use_exported_per_role_signals(helm: str) -> None:
     referenced = set().union(*(_referenced(q) for q in queries.values()))
     referenced |= {m["name"] for m in signals.values()}
     assert referenced - _exported_series() == set()
+
+
+@pytest.mark.parametrize("disaggregated", ["true", "false"])
+def test_autoscaler_role_matches_the_pods_role_label(helm: str, disaggregated: str) -> None:
+    """The EPP labels its per-role gauges with the pods' llm-d.ai/role value."""
+    docs = render(
+        helm,
+        "--set",
+        "modelServers.enabled=true",
+        "--set",
+        f"modelServers.disaggregated={disaggregated}",
+        "--set",
+        "modelServers.decode.autoscaling.enabled=true",
+    )
+    (hpa,) = find(docs, "HorizontalPodAutoscaler")
+    target = one(docs, "Deployment", hpa["spec"]["scaleTargetRef"]["name"])
+    role = target["spec"]["template"]["metadata"]["labels"]["llm-d.ai/role"]
+    assert (
+        hpa["spec"]["metrics"][0]["external"]["metric"]["selector"]["matchLabels"]["role"] == role
+    )
+    assert role == ("decode" if disaggregated == "true" else "prefill-decode")
