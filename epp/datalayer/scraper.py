@@ -4,14 +4,20 @@ Design:
 
 * One :class:`aiohttp.ClientSession` (keep-alive connection pool, ``limit`` =
   ``max_concurrency``) for all endpoints.
-* A tick every ``interval_s`` starts one scrape per endpoint that has none in flight.
-  At most one scrape per endpoint exists at any time, so a slow or hung server never
-  piles up requests and never delays the others' ticks; a semaphore bounds how many
-  run at once. Each scrape has a hard ``timeout_s``.
-* The endpoint list is read from the datastore every tick, so endpoints that come
-  and go are picked up at once; a removed endpoint's in-flight scrape is cancelled
-  (removal listener) and its per-endpoint error series is dropped (bounded labels).
-  A result that races a removal is ignored by ``Datastore.update_metrics``.
+* One collector task per endpoint: scrape, then sleep the rest of ``interval_s``
+  (period = max(interval, scrape time)). So at most one scrape per endpoint is ever
+  in flight: a slow or hung server never piles up requests and never delays the
+  others. Each scrape has a hard ``timeout_s``; a semaphore bounds how many run at
+  once (``max_concurrency``).
+* Collectors start at a stable per-endpoint phase within the interval (a hash of the
+  key), so N endpoints' scrapes and parses are spread over the interval instead of
+  landing on the event loop in one burst every tick: the ext_proc hot path shares
+  this loop, and a burst would show up as request latency jitter.
+* Every ``interval_s`` the collectors are reconciled with the datastore's endpoints,
+  so endpoints that come and go are picked up; a removed endpoint's collector (and
+  any scrape in flight) is cancelled at once by the removal listener, and its
+  per-endpoint error series is dropped (bounded labels). A result that races a
+  removal is ignored by ``Datastore.update_metrics``.
 * Bodies are read up to ``max_body_bytes`` and parsed by the per-engine mapping
   (:mod:`epp.datalayer.engines`) with the selective parser (:mod:`epp.datalayer.promtext`),
   which only looks at the few series the mapping names.
@@ -20,8 +26,9 @@ Design:
   endpoint's metrics untouched: they age and the datastore marks them stale. A
   warning is logged when an endpoint starts failing and an info line when it
   recovers (not on every failed tick).
-* Time comes from ``datastore.clock`` (``updated_at``) and an injectable ``sleep``
-  (virtual-time tests). ``fetch`` can be injected to test scheduling without HTTP.
+* Time: ``updated_at`` comes from ``datastore.clock``; scheduling uses the injectable
+  ``clock`` and ``sleep`` (virtual-time tests). ``fetch`` can be injected to test
+  scheduling without HTTP.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import contextlib
 import functools
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -69,6 +77,7 @@ class MetricsScraper:
         path: str = "/metrics",
         max_body_bytes: int = 8 * 1024 * 1024,
         sleep: Sleep = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
         fetch: Fetch | None = None,
     ) -> None:
         if interval_s <= 0 or timeout_s <= 0:
@@ -95,8 +104,12 @@ class MetricsScraper:
         self._path = path if path.startswith("/") else "/" + path
         self._max_body = max_body_bytes
         self._sleep = sleep
+        self._clock = clock
         self._fetch: Fetch = fetch or self._http_fetch
-        self._inflight: dict[str, asyncio.Task[None]] = {}
+        #: key -> collector task (one per endpoint in the datastore).
+        self._collectors: dict[str, asyncio.Task[None]] = {}
+        #: keys with a scrape in progress.
+        self._active: set[str] = set()
         self._unknown_engines: set[str] = set()
         #: Endpoints whose last scrape failed (a warning is logged on the transition).
         self._failing: set[str] = set()
@@ -118,43 +131,75 @@ class MetricsScraper:
             self._session = aiohttp.ClientSession(connector=connector)
         try:
             while True:
-                self.tick()
+                self.reconcile()
                 await self._sleep(self._interval_s)
         finally:
-            tasks = list(self._inflight.values())
+            tasks = list(self._collectors.values())
             for t in tasks:
                 t.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-            self._inflight.clear()
+            self._collectors.clear()
+            self._active.clear()
             if self._owns_session and self._session is not None:
                 await self._session.close()
                 self._session = None
 
-    def tick(self) -> int:
-        """Start a scrape for every endpoint without one in flight; returns how many."""
+    def reconcile(self) -> int:
+        """Start a collector for every endpoint without one (and stop collectors of
+        endpoints that are gone); returns how many were started."""
+        current = {ep.key for ep in self._ds.endpoints()}
+        for key in [k for k in self._collectors if k not in current]:
+            self._stop(key)
         started = 0
-        for ep in self._ds.endpoints():
-            key = ep.key
-            if key in self._inflight:
-                continue
-            task = asyncio.create_task(self._scrape(ep), name=f"scrape {key}")
-            self._inflight[key] = task
-            task.add_done_callback(functools.partial(self._done, key))
-            started += 1
+        for key in current:
+            if key not in self._collectors:
+                task = asyncio.create_task(self._collect(key), name=f"scrape {key}")
+                self._collectors[key] = task
+                task.add_done_callback(functools.partial(self._done, key))
+                started += 1
         return started
 
+    def phase(self, key: str) -> float:
+        """Stable offset of ``key``'s scrapes within the interval (at most 1 s, so a
+        long interval does not delay a new endpoint's first metrics much)."""
+        return (zlib.crc32(key.encode()) / 2**32) * min(self._interval_s, 1.0)
+
+    def collectors(self) -> int:
+        return len(self._collectors)
+
     def inflight(self) -> int:
-        return len(self._inflight)
+        """Scrapes in progress now."""
+        return len(self._active)
+
+    async def _collect(self, key: str) -> None:
+        await self._sleep(self.phase(key))
+        while True:
+            ep = self._ds.get(key)  # re-read: address or labels may have changed
+            if ep is None:
+                return
+            t0 = self._clock()
+            self._active.add(key)
+            try:
+                await self._scrape(ep)
+            finally:
+                self._active.discard(key)
+            await self._sleep(max(0.0, self._interval_s - (self._clock() - t0)))
 
     def _done(self, key: str, task: asyncio.Task[None]) -> None:
-        if self._inflight.get(key) is task:
-            del self._inflight[key]
+        if self._collectors.get(key) is task:
+            del self._collectors[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("metrics collector for %s died", key, exc_info=task.exception())
 
-    def _on_removed(self, key: str) -> None:
-        task = self._inflight.pop(key, None)
+    def _stop(self, key: str) -> None:
+        task = self._collectors.pop(key, None)
         if task is not None:
             task.cancel()
+        self._active.discard(key)
+
+    def _on_removed(self, key: str) -> None:
+        self._stop(key)
         self._failing.discard(key)
         with contextlib.suppress(KeyError):
             DATALAYER_POLL_ERRORS.remove(key)

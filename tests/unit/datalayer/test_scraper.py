@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from types import MappingProxyType
 
 import pytest
 from aiohttp import web
@@ -232,65 +233,84 @@ async def test_endpoint_removed_mid_scrape(serve: Callable[[Handler], Awaitable[
         await asyncio.gather(task, return_exceptions=True)
 
 
-class Ticks:
-    """Virtual time: the scraper's sleep returns when the test advances a tick."""
+class VirtualTime:
+    """Virtual clock + sleep: sleepers wake in due order only when the test advances."""
 
     def __init__(self) -> None:
-        self.sem = asyncio.Semaphore(0)
-        self.calls = 0
-        self.cond = asyncio.Condition()
+        self.now = 0.0
+        self._seq = 0
+        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
 
-    async def sleep(self, _s: float) -> None:
-        async with self.cond:
-            self.calls += 1
-            self.cond.notify_all()
-        await self.sem.acquire()
+    def clock(self) -> float:
+        return self.now
 
-    async def advance(self) -> None:
-        n = self.calls
-        self.sem.release()
-        async with asyncio.timeout(2), self.cond:
-            await self.cond.wait_for(lambda: self.calls > n)
-        for _ in range(5):  # let started scrapes run
+    async def sleep(self, delay: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._seq += 1
+        heapq.heappush(self._heap, (self.now + max(0.0, delay), self._seq, fut))
+        await fut
+
+    @staticmethod
+    async def settle() -> None:
+        for _ in range(10):
             await asyncio.sleep(0)
 
+    async def advance(self, seconds: float, step: float = 0.005) -> None:
+        end = self.now + seconds
+        while True:
+            await self.settle()
+            if not self._heap or self._heap[0][0] > end:
+                break
+            due, _, fut = heapq.heappop(self._heap)
+            self.now = max(self.now, due)
+            if not fut.done():
+                fut.set_result(None)
+        self.now = end
+        await self.settle()
 
-async def test_no_pile_up_and_endpoints_come_and_go() -> None:
-    calls: dict[str, int] = {}
+
+async def test_no_pile_up_spread_and_endpoints_come_and_go() -> None:
+    calls: dict[str, list[float]] = {}
     slow_gate = asyncio.Event()
+    vt = VirtualTime()
 
     async def fetch(ep: Endpoint) -> bytes:
-        calls[ep.name] = calls.get(ep.name, 0) + 1
+        calls.setdefault(ep.name, []).append(vt.now)
         if ep.name == "slow":
             await slow_gate.wait()
         return CAPTURE.encode()
 
-    clock = FakeClock()
-    ds = Datastore(clock=clock)
-    ds.replace_endpoints([Endpoint("slow", "10.0.0.1", 1), Endpoint("fast", "10.0.0.2", 1)])
-    ticks = Ticks()
-    scraper = MetricsScraper(ds, interval_s=0.1, timeout_s=100.0, sleep=ticks.sleep, fetch=fetch)
+    ds = Datastore(clock=vt.clock)
+    ds.replace_endpoints(
+        [Endpoint("slow", "10.0.0.1", 1)]
+        + [Endpoint(f"f{i}", "10.0.1.1", i + 1) for i in range(20)]
+    )
+    scraper = MetricsScraper(
+        ds, interval_s=0.1, timeout_s=100.0, sleep=vt.sleep, clock=vt.clock, fetch=fetch
+    )
     task = asyncio.create_task(scraper.run())
     try:
-        async with asyncio.timeout(2), ticks.cond:
-            await ticks.cond.wait_for(lambda: ticks.calls == 1)
-        for _ in range(3):
-            await asyncio.sleep(0)
-        for t in range(4):
-            clock.now = 1000.0 + t
-            await ticks.advance()
-        assert calls == {"slow": 1, "fast": 5}  # one open scrape for slow, one per tick for fast
-        m = ds.metrics("10.0.0.2:1")
-        assert m is not None and m.updated_at == 1003.0 and m.waiting == 6
+        await vt.advance(1.0)
+        # One open scrape for the hung endpoint; ~10 per endpoint for the others.
+        assert len(calls["slow"]) == 1
+        assert all(len(calls[f"f{i}"]) in (10, 11) for i in range(20))
+        assert scraper.inflight() == 1 and scraper.collectors() == 21
+        # Each endpoint keeps its period; first scrapes are spread over the interval.
+        f0 = calls["f0"]
+        assert all(abs((b - a) - 0.1) < 1e-9 for a, b in itertools.pairwise(f0))
+        firsts = sorted(calls[f"f{i}"][0] for i in range(20))
+        assert firsts[0] < 0.1 and firsts[-1] < 0.1
+        assert len({round(t, 6) for t in firsts}) >= 15  # not one burst
+        m = ds.metrics("10.0.1.1:1")
+        assert m is not None and m.waiting == 6 and 0.9 <= m.updated_at <= 1.0
 
-        ds.replace_endpoints(
-            [
-                Endpoint("fast", "10.0.0.2", 1),
-                Endpoint("new", "10.0.0.3", 1, labels=MappingProxyType({})),
-            ]
-        )
-        await ticks.advance()
-        assert calls["new"] == 1 and scraper.inflight() == 0  # slow's scrape was cancelled
+        # slow and f1..f19 leave, new joins: collectors follow, the hung scrape is cancelled.
+        ds.replace_endpoints([Endpoint("f0", "10.0.1.1", 1), Endpoint("new", "10.0.0.3", 1)])
+        assert scraper.inflight() == 0
+        await vt.advance(0.3)
+        assert 2 <= len(calls["new"]) <= 3
+        assert scraper.collectors() == 2
+        assert len(calls["slow"]) == 1 and len(calls["f5"]) in (10, 11)
         slow_gate.set()
     finally:
         task.cancel()
