@@ -75,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--transfer-timeout", type=float, default=5.0, help="KV pull timeout before HTTP 500"
     )
     p.add_argument(
+        "--kv-transport",
+        default="auto",
+        choices=["auto", "tcp", "nixl"],
+        help="P/D data plane: NIXL READ when importable (auto), or always TCP / NIXL",
+    )
+    p.add_argument(
         "--failure-rate", type=float, default=0.0, help="fraction of requests failed on purpose"
     )
     p.add_argument(
@@ -107,6 +113,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         kv_bytes_per_block=a.kv_bytes_per_block,
         lease_seconds=a.lease_seconds,
         transfer_timeout=a.transfer_timeout,
+        kv_transport=a.kv_transport,
         failure_rate=a.failure_rate,
         failure_types=tuple(t for t in a.failure_types.split(",") if t),
         lora_modules=parse_lora_modules(a.lora_modules),
@@ -149,9 +156,13 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write("pdroute sim: --replicas must be >= 1\n")
         return 2
     try:
-        import uvloop
-
-        uvloop.run(serve(cfg, args.replicas))
-    except ImportError:  # pragma: no cover - uvloop missing on this platform
-        asyncio.run(serve(cfg, args.replicas))
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop missing on this platform
+            asyncio.run(serve(cfg, args.replicas))
+        else:
+            uvloop.run(serve(cfg, args.replicas))
+    except (RuntimeError, OSError) as e:  # e.g. port in use, NIXL requested but missing
+        sys.stderr.write(f"pdroute sim: {e}\n")
+        return 1
     return 0

@@ -58,6 +58,9 @@ class SimConfig:
     kv_bytes_per_block: int = 4096
     lease_seconds: float = 480.0
     transfer_timeout: float = 5.0
+    #: P/D data plane: "tcp" (side channel carries the bytes), "nixl" (NIXL READ over UCX;
+    #: needs ``nixl`` importable), "auto" (nixl when importable, else tcp).
+    kv_transport: str = "auto"
     failure_rate: float = 0.0
     failure_types: tuple[str, ...] = FAILURE_TYPES
     lora_modules: tuple[LoraModule, ...] = ()
@@ -78,6 +81,8 @@ class SimConfig:
         for t in self.failure_types:
             if t not in FAILURE_TYPES:
                 raise bad("failure_types", f"unknown {t!r}; known: {FAILURE_TYPES}")
+        if self.kv_transport not in ("auto", "tcp", "nixl"):
+            raise bad("kv_transport", f"{self.kv_transport!r} is not one of auto, tcp, nixl")
         if self.kv_bytes_per_block < 0:
             raise bad("kv_bytes_per_block", "must be >= 0")
         if self.lora_modules and self.max_loras <= 0:

@@ -35,6 +35,7 @@ from pdroute.sim.kvcache import BlockPool
 from pdroute.sim.kvevents import KVEventPublisher
 from pdroute.sim.latency import LatencyModel
 from pdroute.sim.metrics import EngineStats, Gauges, ServerMetrics, cache_config_labels
+from pdroute.sim.nixl_kv import NixlKV, nixl_available
 from pdroute.sim.tokenizer import Tokenizer
 from pdroute.sim.transfer import (
     LeaseView,
@@ -89,6 +90,9 @@ class SimServer:
         self.serves_kv = config.role in ("both", "prefill")
         self.pulls_kv = config.role in ("both", "decode")
         self.side: SideChannelServer | None = None
+        self.nixl: NixlKV | None = None
+        #: Pulls whose bytes moved by NIXL READ (the rest went over the TCP side channel).
+        self.nixl_reads = 0
         self.publisher: KVEventPublisher | None = None
         self.metrics = ServerMetrics(
             self.stats,
@@ -133,6 +137,14 @@ class SimServer:
         return app
 
     async def start(self, port: int | None = None, side_channel_port: int | None = None) -> None:
+        """Listen (HTTP, side channel, KV events) and start the engine loop."""
+        try:
+            await self._start(port, side_channel_port)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, port: int | None, side_channel_port: int | None) -> None:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         want = self.cfg.port + self.rank if self.cfg.port and port is None else (port or 0)
@@ -143,8 +155,11 @@ class SimServer:
         server = site._server
         assert server is not None
         self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        if (self.serves_kv or self.pulls_kv) and self._use_nixl():
+            self.nixl = NixlKV(self.engine_id, self.cfg.num_blocks, self.cfg.kv_bytes_per_block)
         if self.serves_kv:
             self.side = SideChannelServer(
+                nixl=self.nixl,
                 engine_id=self.engine_id,
                 block_bytes_size=self.cfg.kv_bytes_per_block,
                 get_lease=self._lease_view,
@@ -177,6 +192,16 @@ class SimServer:
             self.publisher.start()
         self._loop_task = loop.create_task(self._engine_loop(), name=f"sim-engine-{self.port}")
 
+    def _use_nixl(self) -> bool:
+        mode = self.cfg.kv_transport
+        if mode == "tcp" or self.cfg.kv_bytes_per_block == 0:
+            return False
+        if nixl_available():
+            return True
+        if mode == "nixl":
+            raise RuntimeError("sim config: kv_transport: 'nixl' but `import nixl._api` fails")
+        return False
+
     async def stop(self) -> None:
         self._closing = True
         self._wake.set()
@@ -195,6 +220,8 @@ class SimServer:
             await self.side.close()
         if self.publisher is not None:
             await self.publisher.close()
+        if self.nixl is not None:
+            self.nixl.close()
 
     # ---- engine loop ----------------------------------------------------------------
     async def _engine_loop(self) -> None:
@@ -264,8 +291,12 @@ class SimServer:
         t0 = loop.time()
         keys = block_keys(req.prompt_ids, req.block_hashes, self.cfg.block_size, self.hash_fn)
         error: str | None = None
+        timings: dict[str, float] = {}
         try:
             nbytes = await pull_blocks(
+                nixl=self.nixl,
+                local_block_ids=req.block_ids,
+                timings=timings,
                 host=src.host,
                 port=src.port,
                 engine_id=src.engine_id,
@@ -278,7 +309,9 @@ class SimServer:
             if remaining > 0:
                 await asyncio.sleep(remaining)
             nixl.xfer_time.observe(loop.time() - t0)
-            nixl.post_time.observe(min(loop.time() - t0, 0.0005))
+            nixl.post_time.observe(timings.get("post", 0.0))
+            if "nixl" in timings:
+                self.nixl_reads += 1
             nixl.bytes_transferred.observe(nbytes)
             nixl.num_descriptors.observe(len(keys))
         except TransferError as e:

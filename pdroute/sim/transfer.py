@@ -8,7 +8,11 @@ Stands in for NIXL (pull mode). The prefill server listens on its side-channel p
              or frame {"ok": false, "error": "..."}
     D -> P   frame {"done": true}        (the "notification": P frees the lease)
 
-Frames are a 4-byte big-endian length and a msgpack map (bounded at 64 KiB). Block
+With NIXL on both sides (:mod:`pdroute.sim.nixl_kv`) the request carries the decode
+agent's metadata, P answers ``{"ok": true, ..., "nixl": {"metadata", "descs"}}``
+instead of raw bytes, and D moves the bytes itself with a NIXL READ.
+
+Frames are a 4-byte big-endian length and a msgpack map (bounded at 1 MiB). Block
 contents are synthetic but deterministic: ``shake_256(key).digest(N)``, where key is
 the vLLM block hash for full blocks and a hash of the tail tokens for the last
 partial block; the decode side recomputes them from its own prompt, so a transfer
@@ -27,10 +31,11 @@ from dataclasses import dataclass
 import msgspec
 
 from pdroute.protocol.blockhash import HashFn, hash_block
+from pdroute.sim.nixl_kv import NixlError, NixlKV
 
 log = logging.getLogger(__name__)
 
-MAX_FRAME = 64 * 1024
+MAX_FRAME = 1024 * 1024
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(dict)
 
@@ -89,7 +94,9 @@ class SideChannelServer:
         block_bytes_size: int,
         get_lease: Callable[[str], LeaseView | None],
         release: Callable[[str], object],
+        nixl: NixlKV | None = None,
     ) -> None:
+        self.nixl = nixl
         self.engine_id = engine_id
         self.block_bytes_size = block_bytes_size
         self._get_lease = get_lease
@@ -120,12 +127,29 @@ class SideChannelServer:
                 await write_frame(writer, {"ok": False, "error": "remote_block_ids do not match"})
                 return
             size = self.block_bytes_size
-            await write_frame(
-                writer, {"ok": True, "block_bytes": size, "num_blocks": len(lease.keys)}
-            )
-            for key in lease.keys:
-                writer.write(block_bytes(key, size))
-            await writer.drain()
+            head: dict[str, object] = {
+                "ok": True,
+                "block_bytes": size,
+                "num_blocks": len(lease.keys),
+            }
+            peer = req.get("nixl")
+            if self.nixl is not None and isinstance(peer, dict) and size:
+                try:
+                    self.nixl.add_remote(bytes(peer["metadata"]))
+                    descs = self.nixl.expose(
+                        lease.block_ids[: len(lease.keys)],
+                        [block_bytes(k, size) for k in lease.keys],
+                    )
+                except Exception as e:  # NIXL raises its own (C++) error types
+                    await write_frame(writer, {"ok": False, "error": f"NIXL setup failed: {e}"})
+                    return
+                head["nixl"] = {"metadata": self.nixl.metadata, "descs": descs}
+                await write_frame(writer, head)
+            else:
+                await write_frame(writer, head)
+                for key in lease.keys:
+                    writer.write(block_bytes(key, size))
+                await writer.drain()
             done = await read_frame(reader)
             if done.get("done"):
                 self._release(rid)
@@ -151,6 +175,9 @@ async def pull_blocks(
     block_ids: list[int],
     expected_keys: list[bytes],
     deadline_s: float,
+    nixl: NixlKV | None = None,
+    local_block_ids: list[int] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> int:
     """Pull and verify blocks; returns bytes received. Raises :class:`TransferError`.
 
@@ -173,9 +200,14 @@ async def pull_blocks(
             await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
     try:
         async with asyncio.timeout(max(0.01, deadline - loop.time() + deadline_s)):
-            await write_frame(
-                writer, {"engine_id": engine_id, "request_id": request_id, "block_ids": block_ids}
-            )
+            ask: dict[str, object] = {
+                "engine_id": engine_id,
+                "request_id": request_id,
+                "block_ids": block_ids,
+            }
+            if nixl is not None and local_block_ids is not None:
+                ask["nixl"] = {"metadata": nixl.metadata}
+            await write_frame(writer, ask)
             head = await read_frame(reader)
             if not head.get("ok"):
                 raise TransferError(f"KV transfer refused by {host}:{port}: {head.get('error')}")
@@ -185,13 +217,29 @@ async def pull_blocks(
                 raise TransferError("malformed side-channel header")
             if count != len(expected_keys):
                 raise TransferError(f"expected {len(expected_keys)} blocks, source has {count}")
-            for i, key in enumerate(expected_keys):
-                data = await reader.readexactly(size)
-                if data != block_bytes(key, size):
-                    raise TransferError(f"KV block {i} content mismatch")
+            remote = head.get("nixl")
+            if isinstance(remote, dict) and nixl is not None and local_block_ids is not None:
+                dst = local_block_ids[:count]
+                post = await nixl.read(
+                    bytes(remote["metadata"]),
+                    bytes(remote["descs"]),
+                    dst,
+                    max(0.01, deadline - loop.time() + deadline_s),
+                )
+                if timings is not None:
+                    timings["post"] = post
+                    timings["nixl"] = 1.0
+                for i, (b, key) in enumerate(zip(dst, expected_keys, strict=True)):
+                    if nixl.block(b) != block_bytes(key, size):
+                        raise TransferError(f"KV block {i} content mismatch (NIXL)")
+            else:
+                for i, key in enumerate(expected_keys):
+                    data = await reader.readexactly(size)
+                    if data != block_bytes(key, size):
+                        raise TransferError(f"KV block {i} content mismatch")
             await write_frame(writer, {"done": True})
             return size * count
-    except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as e:
+    except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, NixlError) as e:
         raise TransferError(f"KV transfer from {host}:{port} failed: {e!r}") from None
     finally:
         writer.close()

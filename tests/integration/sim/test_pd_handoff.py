@@ -204,3 +204,15 @@ async def test_streaming_decode_after_prefill(http: aiohttp.ClientSession) -> No
             assert r.status == 200
             text = await r.text()
         assert text.count("data: ") == 5 and text.endswith("data: [DONE]\n\n")
+
+
+async def test_nixl_required_but_missing_fails_clearly() -> None:
+    from pdroute.sim.nixl_kv import nixl_available
+
+    assert not nixl_available()  # the dev environment does not ship nixl
+    fleet = SimFleet(cfg("decode", kv_transport="nixl"))
+    with pytest.raises(RuntimeError, match="kv_transport"):
+        await fleet.start()
+    # auto falls back to the TCP side channel
+    async with SimFleet(cfg("both", kv_transport="auto")) as f:
+        assert f.servers[0].nixl is None
