@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,60 @@ def test_garbage_elsewhere_is_not_looked_at() -> None:
     text = "<html>not metrics</html>\n\x00\xff{{{\nm 1\n"
     assert parse_selected(text, ["m"]) == {"m": [({}, 1.0)]}
     assert parse_selected("<html>502 Bad Gateway</html>", ["m"]) == {}
+
+
+def _random_page(rng: random.Random) -> tuple[str, list[str]]:
+    """A random but valid exposition page: gauges, counters and histograms with
+    label values full of quotes, backslashes, newlines, commas and braces."""
+    alphabet = ["a", "Z", "0", " ", ",", "{", "}", "=", '"', "\\", "\n", "é", ":", "#"]
+
+    def esc(v: str) -> str:
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    def labels() -> str:
+        n = rng.randrange(0, 4)
+        if n == 0 and rng.random() < 0.5:
+            return ""
+        pairs = [
+            f'l{i}="{esc("".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 8))))}"'
+            for i in range(n)
+        ]
+        return "{" + ",".join(pairs) + (",}" if pairs and rng.random() < 0.2 else "}")
+
+    def value() -> str:
+        return rng.choice(["0", "1.5", "-2e-3", "NaN", "+Inf", "-Inf", str(rng.randrange(10**9))])
+
+    lines: list[str] = []
+    names: list[str] = []
+    for f in range(30):
+        base = rng.choice(["vllm:m", "m", "x_y"]) + str(f)
+        kind = rng.choice(["gauge", "counter", "histogram"])
+        lines += [f"# HELP {base} help with {{braces}} and \\\\ slash", f"# TYPE {base} {kind}"]
+        for _ in range(rng.randrange(1, 4)):
+            lb = labels()
+            if kind == "gauge":
+                lines.append(
+                    f"{base}{lb} {value()}" + (" 1700000000000" if rng.random() < 0.2 else "")
+                )
+                names.append(base)
+            elif kind == "counter":
+                lines += [f"{base}_total{lb} {rng.randrange(100)}", f"{base}_created{lb} 1.7e9"]
+                names += [f"{base}_total", f"{base}_created"]
+            else:
+                inner = lb[1:-1].rstrip(",") if lb else ""
+                sep = "," if inner else ""
+                for le in ("1.0", "+Inf"):
+                    lines.append(f'{base}_bucket{{{inner}{sep}le="{le}"}} 3')
+                lines += [f"{base}_count{lb} 3", f"{base}_sum{lb} 1.25"]
+                names += [f"{base}_bucket", f"{base}_count", f"{base}_sum"]
+    return "\n".join(lines) + "\n", sorted(set(names))
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_pages_equal_reference(seed: int) -> None:
+    text, names = _random_page(random.Random(seed))
+    ref = _reference(text)
+    got = parse_selected(text, names)
+    assert {k: _norm(v) for k, v in got.items()} == {
+        k: _norm(v) for k, v in ref.items() if k in names
+    }
