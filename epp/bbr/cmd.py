@@ -62,7 +62,11 @@ async def _main(args: argparse.Namespace) -> int:
     if args.secure_serving or args.cert_path is not None:
         from epp.server.tls import server_credentials
 
-        creds = server_credentials(args.cert_path)
+        try:
+            creds = server_credentials(args.cert_path)()  # a factory: one per bound port
+        except (OSError, ValueError) as exc:
+            logging.getLogger(__name__).error("TLS: %s", exc)
+            return 2
     router = BodyRouter(
         header_name=args.header_name,
         max_body_bytes=args.max_body_bytes,

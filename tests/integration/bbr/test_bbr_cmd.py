@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import orjson
+import pytest
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -22,7 +24,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _spawn(port: int) -> subprocess.Popen[bytes]:
+def _spawn(port: int, extra: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -35,6 +37,7 @@ def _spawn(port: int) -> subprocess.Popen[bytes]:
             str(port),
             "--max-body-bytes",
             "1000",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -47,11 +50,27 @@ def _stop(proc: subprocess.Popen[bytes]) -> tuple[int, bytes]:
     return proc.returncode, out
 
 
-async def test_pdroute_bbr_process() -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+async def test_pdroute_bbr_process(tls: bool, tmp_path: Path) -> None:
     port = _free_port()
-    proc = await asyncio.to_thread(_spawn, port)
+    extra: list[str] = []
+    channel_creds = None
+    if tls:
+        from epp.server.tls import self_signed
+
+        key, cert = self_signed()
+        (tmp_path / "tls.key").write_bytes(key)
+        (tmp_path / "tls.crt").write_bytes(cert)
+        extra = ["--secure-serving", "--cert-path", str(tmp_path)]
+        channel_creds = grpc.ssl_channel_credentials(root_certificates=cert)
+    proc = await asyncio.to_thread(_spawn, port, extra)
+    target = f"127.0.0.1:{port}"
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        async with (
+            grpc.aio.secure_channel(target, channel_creds)
+            if channel_creds is not None
+            else grpc.aio.insecure_channel(target)
+        ) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             status = None
             for _ in range(200):

@@ -183,3 +183,27 @@ def test_model_from_body() -> None:
         model_from_body(b'{"model": "' + b"x" * 600 + b'"}')
     with pytest.raises(BadRequest):
         model_from_body(b'{"model": "  "}')
+
+
+async def test_tls_serving() -> None:
+    from epp.server.tls import self_signed
+
+    key, cert = self_signed()
+    server = BbrServer(
+        BodyRouter(),
+        host="127.0.0.1",
+        port=0,
+        credentials=grpc.ssl_server_credentials([(key, cert)]),
+    )
+    port = await server.start()
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert)
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as ch:
+            replies = await exchange(
+                ch, [headers(Mode.FULL_DUPLEX_STREAMED), body(b'{"model": "tls"}')], 2
+            )
+            assert set_header(replies[0].request_headers.response) == {
+                "x-gateway-model-name": "tls"
+            }
+    finally:
+        await server.stop(0)
