@@ -30,7 +30,6 @@ from pdroute.kube import (
     ElectionConfig,
     InvalidPool,
     KubeClient,
-    KubeConfig,
     KubeConfigError,
     KubeLeaseStore,
     LeaderElector,
@@ -40,6 +39,7 @@ from pdroute.kube import (
     parse_ports,
     parse_selector,
 )
+from pdroute.kube.cli import add_connection_arguments, kube_config_from_args
 
 ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 
@@ -122,17 +122,7 @@ def add_kube_arguments(parser: argparse.ArgumentParser) -> None:
         "--endpoint-target-ports",
         help="standalone mode: comma-separated ports, one endpoint per port (1-8)",
     )
-    g.add_argument(
-        "--kube-api-server",
-        help="API server URL (default: in-cluster service account)",
-    )
-    g.add_argument("--kube-token-file", help="bearer token file (re-read every minute)")
-    g.add_argument("--kube-ca-file", help="CA bundle for the API server's certificate")
-    g.add_argument(
-        "--kube-insecure-skip-tls-verify",
-        action="store_true",
-        help="do not verify the API server's certificate (tests only)",
-    )
+    add_connection_arguments(g)
     g.add_argument(
         "--ha-enable-leader-election",
         action="store_true",
@@ -145,37 +135,6 @@ def add_kube_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ha-lease-duration", type=float, default=15.0, metavar="SECONDS")
     g.add_argument("--ha-renew-deadline", type=float, default=10.0, metavar="SECONDS")
     g.add_argument("--ha-retry-period", type=float, default=2.0, metavar="SECONDS")
-
-
-def _kube_config(args: argparse.Namespace, namespace: str | None) -> KubeConfig:
-    server = getattr(args, "kube_api_server", None)
-    if not server:
-        cfg = KubeConfig.in_cluster()
-        return cfg if namespace is None else _with_ns(cfg, namespace)
-    token_file = getattr(args, "kube_token_file", None)
-    if token_file and not os.path.exists(token_file):
-        raise KubeConfigError(f"--kube-token-file: {token_file} does not exist")
-    ca_file = getattr(args, "kube_ca_file", None)
-    if ca_file and not os.path.exists(ca_file):
-        raise KubeConfigError(f"--kube-ca-file: {ca_file} does not exist")
-    return KubeConfig(
-        server=server,
-        token_file=token_file,
-        ca_file=ca_file,
-        insecure_skip_tls_verify=bool(getattr(args, "kube_insecure_skip_tls_verify", False)),
-        namespace=namespace or "default",
-    )
-
-
-def _with_ns(cfg: KubeConfig, namespace: str) -> KubeConfig:
-    return KubeConfig(
-        server=cfg.server,
-        token=cfg.token,
-        token_file=cfg.token_file,
-        ca_file=cfg.ca_file,
-        insecure_skip_tls_verify=cfg.insecure_skip_tls_verify,
-        namespace=namespace,
-    )
 
 
 def build_kube_source(args: argparse.Namespace) -> KubeEndpointSource | None:
@@ -202,7 +161,7 @@ def build_kube_source(args: argparse.Namespace) -> KubeEndpointSource | None:
         except InvalidPool as e:
             raise KubeConfigError(f"--endpoint-selector/--endpoint-target-ports: {e}") from e
     namespace = getattr(args, "pool_namespace", None) or os.environ.get("NAMESPACE")
-    cfg = _kube_config(args, namespace)
+    cfg = kube_config_from_args(args, namespace)
     ns = cfg.namespace
     client = KubeClient(cfg)
     elector: LeaderElector | None = None

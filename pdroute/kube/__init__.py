@@ -10,8 +10,11 @@ as its SSRF allowlist). It depends on nothing else of ours.
 - :mod:`pdroute.kube.leader`: :class:`LeaderElector` on a coordination.k8s.io/v1 Lease.
 - :mod:`pdroute.kube.pool`: InferencePool v1 resolution rules and :class:`PoolWatcher`.
 - :mod:`pdroute.kube.members`: :class:`PoolMembers`.
+- :mod:`pdroute.kube.cli`: connection flags (:func:`add_connection_arguments`,
+  :func:`kube_config_from_args`).
 """
 
+from pdroute.kube.cli import add_connection_arguments, kube_config_from_args
 from pdroute.kube.client import (
     ApiError,
     Backoff,
@@ -60,6 +63,8 @@ __all__ = [
     "PoolMembers",
     "PoolTarget",
     "PoolWatcher",
+    "add_connection_arguments",
+    "kube_config_from_args",
     "parse_ports",
     "parse_selector",
     "pod_ready",

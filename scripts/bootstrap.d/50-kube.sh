@@ -11,8 +11,8 @@ if [ "${PDROUTE_FULL:-0}" = "1" ] || [ "${PDROUTE_KUBE:-0}" = "1" ]; then
   KUBE_DIR="$PDROUTE_CACHE/kube"
   KUBE_BIN="$KUBE_DIR/bin"
   KUBE_VERSION="v1.37.2"  # keep in sync with tools/kube/go.mod
-  GATEWAY_API_VERSION="v1.7.0"
-  GIE_VERSION="v1.6.1"
+  GATEWAY_API_VERSION="v1.6.3"  # v1.7 needs go >= 1.27
+  GIE_VERSION="v1.6.0"  # the newest on the module proxy
   mkdir -p "$KUBE_BIN" "$KUBE_DIR/crds"
 
   if ! command -v go >/dev/null 2>&1; then
@@ -42,12 +42,24 @@ if [ "${PDROUTE_FULL:-0}" = "1" ] || [ "${PDROUTE_KUBE:-0}" = "1" ]; then
   if [ ! -f "$KUBE_DIR/crds/.done-$GATEWAY_API_VERSION-$GIE_VERSION" ]; then
     log "fetching CRDs (gateway-api $GATEWAY_API_VERSION, inference extension $GIE_VERSION)"
     rm -f "$KUBE_DIR/crds/"*.yaml
-    gw_dir="$(cd "$REPO_ROOT/tools/kube" && GOFLAGS=-mod=mod go mod download -json \
+    # Outside any module: `go mod download` only fills the module cache.
+    crd_tmp="$(mktemp -d)"
+    gw_dir="$(cd "$crd_tmp" && go mod download -json \
       "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')"
-    gie_dir="$(cd "$REPO_ROOT/tools/kube" && GOFLAGS=-mod=mod go mod download -json \
+    gie_dir="$(cd "$crd_tmp" && go mod download -json \
       "sigs.k8s.io/gateway-api-inference-extension@$GIE_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')"
-    cp "$gw_dir"/config/crd/standard/*.yaml "$KUBE_DIR/crds/"
-    cp "$gie_dir"/config/crd/bases/inference.networking.k8s.io_inferencepools.yaml "$KUBE_DIR/crds/"
+    rmdir "$crd_tmp"
+    if [ -z "$gw_dir" ] || [ -z "$gie_dir" ]; then
+      echo "50-kube.sh: could not download the CRD modules from the Go module proxy" >&2
+      return 1 2>/dev/null || exit 1
+    fi
+    # Only single-document CRDs (standard/ also holds a ValidatingAdmissionPolicy).
+    for f in "$gw_dir"/config/crd/standard/*.yaml \
+      "$gie_dir"/config/crd/bases/inference.networking.k8s.io_inferencepools.yaml; do
+      if grep -q '^kind: CustomResourceDefinition' "$f" && ! grep -q '^---' "$f"; then
+        cp "$f" "$KUBE_DIR/crds/"
+      fi
+    done
     chmod 644 "$KUBE_DIR/crds/"*.yaml
     touch "$KUBE_DIR/crds/.done-$GATEWAY_API_VERSION-$GIE_VERSION"
   fi

@@ -15,7 +15,15 @@ from kube_helpers import Admin, KubeCluster, client_for, keys, wait_for
 
 from epp.datalayer.kube_source import KubeEndpointSource
 from epp.datastore import Datastore
-from pdroute.kube import PoolMembers, PoolTarget
+from pdroute.kube import (
+    ElectionConfig,
+    KubeClient,
+    KubeConfig,
+    KubeLeaseStore,
+    LeaderElector,
+    PoolMembers,
+    PoolTarget,
+)
 
 pytestmark = pytest.mark.kube
 
@@ -154,3 +162,64 @@ async def test_standalone_mode_needs_no_crd_objects(
     async with running(src, ds):
         await wait_for(lambda: keys(ds) == {"10.3.0.1:8000", "10.3.0.1:8002"}, "standalone set")
         assert src.ready()
+
+
+#: The least privilege the EPP needs (the Helm chart's Role must grant at least this).
+EPP_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {
+        "apiGroups": ["inference.networking.k8s.io"],
+        "resources": ["inferencepools"],
+        "verbs": ["get", "list", "watch"],
+    },
+    {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "verbs": ["get", "create", "update"],
+    },
+]
+
+
+async def test_epp_works_with_least_privilege_rbac_and_not_without(
+    kube_cluster: KubeCluster, admin: Admin
+) -> None:
+    ns = await admin.namespace()
+    await admin.create_pool(ns, "pool", {"app": "m"}, [8000])
+    await admin.create_pod(ns, "a", {"app": "m"}, ip="10.4.0.1")
+    cfg = KubeConfig(
+        server=kube_cluster.url,
+        token_file=kube_cluster.epp_token_file,
+        ca_file=kube_cluster.ca_file,
+    )
+    elector_cfg = ElectionConfig(lease_duration_s=3, renew_deadline_s=2, retry_period_s=0.5)
+
+    def source() -> KubeEndpointSource:
+        client = KubeClient(cfg)
+        elector = LeaderElector(KubeLeaseStore(client, ns, "epp-pool"), "epp-0", elector_cfg)
+        return KubeEndpointSource(client, ns, pool_name="pool", elector=elector)
+
+    ds = Datastore()
+    src = source()
+    async with running(src, ds):
+        await asyncio.sleep(1.5)
+        assert not src.ready() and not ds.synced  # 403 everywhere
+        assert src.elector is not None and not src.elector.is_leader
+
+    await admin.call(
+        "POST",
+        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
+        {"metadata": {"name": "epp"}, "rules": EPP_RULES},
+    )
+    await admin.call(
+        "POST",
+        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
+        {
+            "metadata": {"name": "epp"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "epp"},
+            "subjects": [{"kind": "User", "name": "epp", "apiGroup": "rbac.authorization.k8s.io"}],
+        },
+    )
+    ds = Datastore()
+    src = source()
+    async with running(src, ds):
+        await wait_for(lambda: src.ready() and keys(ds) == {"10.4.0.1:8000"}, "ready with RBAC", 30)
