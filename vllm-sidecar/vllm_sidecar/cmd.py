@@ -116,9 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--inference-pool",
         help="NAMESPACE/NAME of the InferencePool to take members from (Kubernetes)",
     )
-    g.add_argument(
-        "--kube-api-server", help="API server URL when not in a pod (with --inference-pool)"
-    )
+    _add_kube_connection_arguments(g)
     g.add_argument(
         "--no-ssrf-protection",
         action="store_true",
@@ -218,14 +216,25 @@ def allowlist_from_args(args: argparse.Namespace) -> Allowlist:
         except AllowlistError as e:
             raise ConfigError(f"--endpoints-file: {e}") from None
     if args.inference_pool:
-        return _kube_allowlist(args.inference_pool, args.kube_api_server)
+        return _kube_allowlist(args)
     raise ConfigError(
         "SSRF protection needs the pool's members: pass --endpoints-file FILE or "
         "--inference-pool NAMESPACE/NAME (or --no-ssrf-protection for development)"
     )
 
 
-def _kube_allowlist(pool: str, api_server: str | None) -> Allowlist:
+def _add_kube_connection_arguments(g: Any) -> None:
+    """The API-server connection flags every pdroute process shares (pdroute.kube.cli)."""
+    try:
+        from pdroute.kube.cli import add_connection_arguments
+    except ImportError:  # older pdroute.kube: only the server URL
+        g.add_argument("--kube-api-server", help="API server URL (default: in-cluster)")
+    else:
+        add_connection_arguments(g)
+
+
+def _kube_allowlist(args: argparse.Namespace) -> Allowlist:
+    pool: str = args.inference_pool
     ns, sep, name = pool.partition("/")
     if not sep or not ns or not name:
         raise ConfigError(f"--inference-pool must be NAMESPACE/NAME, got {pool!r}")
@@ -235,7 +244,13 @@ def _kube_allowlist(pool: str, api_server: str | None) -> Allowlist:
     except ImportError as e:  # pragma: no cover - the package ships with pdroute
         raise ConfigError(f"--inference-pool needs pdroute.kube: {e}") from None
     try:
-        kcfg = KubeConfig(server=api_server) if api_server else KubeConfig.in_cluster()
+        try:
+            from pdroute.kube.cli import kube_config_from_args
+        except ImportError:
+            server = getattr(args, "kube_api_server", None)
+            kcfg = KubeConfig(server=server, namespace=ns) if server else KubeConfig.in_cluster()
+        else:
+            kcfg = kube_config_from_args(args, ns)
     except KubeConfigError as e:
         raise ConfigError(f"--inference-pool: {e}") from None
     client = KubeClient(kcfg)

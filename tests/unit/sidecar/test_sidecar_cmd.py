@@ -161,3 +161,17 @@ async def test_serve_tls_and_graceful_shutdown() -> None:
         await decode.stop()
     with socket.socket() as sock:  # the port is released
         sock.bind(("127.0.0.1", port))
+
+
+def test_inference_pool_allowlist_fails_closed_until_synced() -> None:
+    from vllm_sidecar.allowlist import MembersAllowlist
+
+    allow = cmd.allowlist_from_args(
+        parse("--inference-pool", "ns/pool", "--kube-api-server", "http://127.0.0.1:1")
+    )
+    assert isinstance(allow, MembersAllowlist)
+    assert not allow.allows("10.0.0.1:8000")  # nothing is a member before the first sync
+    with pytest.raises(cmd.ConfigError, match="--kube-api-server"):
+        cmd.allowlist_from_args(
+            parse("--inference-pool", "ns/pool", "--kube-api-server", "ftp://x")
+        )
