@@ -550,15 +550,20 @@ class KVEventSubscriber:
             except zmq.ZMQError as e:  # socket closed under us
                 log.warning("kv events reader stopped: %s", e)
                 return
-            handle(frames, endpoint, resolver)
-            n = 1
-            while n < batch:
+            n = 0
+            while True:
+                try:
+                    handle(frames, endpoint, resolver)
+                except Exception:  # a bug here must not stop the stream
+                    log.exception("kv events: failed to handle a message")
+                    self.ingestor.count("malformed")
+                n += 1
+                if n >= batch:
+                    break
                 try:
                     frames = drain.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                handle(frames, endpoint, resolver)
-                n += 1
             self.ingestor.flush_metrics()
             if n >= batch:
                 await asyncio.sleep(0)

@@ -310,7 +310,7 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
                 self.bound_address = sub.bind(
                     self.zmq_endpoint,
                     TopicResolver(lookup=self.resolve_host),
-                    replay_address_for=self._replay_address if self.replay_port > 0 else None,
+                    replay_address_for=self._replay_address,
                 )
                 log.info("%s: KV events socket bound at %s", self.name, self.bound_address)
             while True:
@@ -360,12 +360,14 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         return self._addr_to_key.get(host)
 
     def _replay_address(self, endpoint: str) -> str | None:
-        if self.replay_port <= 0 or self.datastore is None:
-            return None
-        e = self.datastore.get(endpoint)
+        """The engine's replay ROUTER: endpoint label, else ``replaySocketPort``."""
+        e = self.datastore.get(endpoint) if self.datastore is not None else None
         if e is None:
             return None
-        return e.labels.get(REPLAY_ENDPOINT_LABEL) or _tcp(e.address, self.replay_port)
+        label = e.labels.get(REPLAY_ENDPOINT_LABEL)
+        if label:
+            return label
+        return _tcp(e.address, self.replay_port) if self.replay_port > 0 else None
 
     def _endpoint_removed(self, key: str) -> None:
         self.ingestor.forget(key)
