@@ -1,0 +1,355 @@
+"""Results JSON -> markdown tables, PNG plots and the docs page.
+
+:func:`render_markdown` is a pure function of the results dict (the unit tests
+render a fixture). The page states comparisons as ratios against round robin and
+against the peers, and lists every metric where pdroute is not the best arm, with
+the mechanism behind it where the numbers show one, so a loss is never hidden.
+Plots need matplotlib (the ``bench`` extra); without it the page says so and keeps
+the tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+HEADLINE = "shared-prefix"
+BASELINE = "round-robin"
+OURS = ("pdroute", "pdroute-precise", "pdroute-pd")
+CACHE_AWARE_PEERS = ("vllm-router", "sglang-router")
+
+WORKLOAD_TITLES = {
+    "shared-prefix": "Shared-prefix groups (headline: working set > one endpoint's KV)",
+    "multi-turn": "Multi-turn chat sessions",
+    "pd": "Long prompt, short output (P/D)",
+    "short": "Short prompts and outputs",
+    "ramp": "Load ramp to saturation",
+}
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.0f}"
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.1f}%"
+
+
+def _num(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _get(arm: Mapping[str, Any], *path: str) -> Any:
+    cur: Any = arm
+    for p in path:
+        if not isinstance(cur, Mapping) or p not in cur:
+            return None
+        cur = cur[p]
+    return cur
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def arm_table(arms: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "| arm | TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 (ms) | e2e p50 / p90 (s) "
+        "| output tok/s | goodput req/s (% in SLO) | errors | prefix hit rate "
+        "| balance CV | router CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, arm in arms.items():
+        if arm.get("status") != "ok":
+            reason = str(arm.get("reason", "")).replace("|", "/").replace("\n", " ")[:160]
+            lines.append(f"| {name} | **failed**: {reason} | | | | | | | | |")
+            continue
+        s = arm["summary"]
+        errs = s.get("errors") or {}
+        err_txt = (
+            "0"
+            if not errs
+            else f"{_pct(s['error_rate'])} ("
+            + ", ".join(f"{k}: {v}" for k, v in errs.items())
+            + ")"
+        )
+        lines.append(
+            f"| {name} "
+            f"| {_ms(s['ttft_s']['p50'])} / {_ms(s['ttft_s']['p90'])} / {_ms(s['ttft_s']['p99'])} "
+            f"| {_ms(s['itl_s']['p50'])} / {_ms(s['itl_s']['p90'])} "
+            f"| {_s(s['e2e_s']['p50'])} / {_s(s['e2e_s']['p90'])} "
+            f"| {_num(s['output_tokens_per_s'], 0)} "
+            f"| {_num(s['goodput_rps'], 2)} ({_pct(s['goodput_fraction'])}) "
+            f"| {err_txt} "
+            f"| {_pct(_get(arm, 'prefix_cache', 'hit_rate'))} "
+            f"| {_num(s.get('balance_cv'), 2)} "
+            f"| {_num(_get(arm, 'router_cpu_s', 'total'), 1)} |"
+        )
+    return lines
+
+
+def _ok(arms: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
+    a = arms.get(name)
+    return a if isinstance(a, Mapping) and a.get("status") == "ok" else None
+
+
+def comparisons(arms: Mapping[str, Any]) -> list[str]:
+    """Ratio lines: each pdroute arm against round robin and the cache-aware peers."""
+    out: list[str] = []
+    for ours in OURS:
+        o = _ok(arms, ours)
+        if o is None:
+            continue
+        for other in (BASELINE, *CACHE_AWARE_PEERS, "vllm-router-rr", "pdroute"):
+            t = _ok(arms, other)
+            if t is None or other == ours:
+                continue
+            ttft = _ratio(_get(t, "summary", "ttft_s", "p90"), _get(o, "summary", "ttft_s", "p90"))
+            tps = _ratio(
+                _get(o, "summary", "output_tokens_per_s"), _get(t, "summary", "output_tokens_per_s")
+            )
+            good = _ratio(_get(o, "summary", "goodput_rps"), _get(t, "summary", "goodput_rps"))
+            out.append(
+                f"- **{ours} vs {other}**: TTFT p90 {_num(ttft, 2)}x lower, "
+                f"output tokens/s {_num(tps, 2)}x, goodput {_num(good, 2)}x"
+            )
+    return out
+
+
+def losses(arms: Mapping[str, Any]) -> list[str]:
+    """Every metric where ``pdroute`` is not the best arm, with the likely cause."""
+    o = _ok(arms, "pdroute")
+    if o is None:
+        return []
+    others = {n: a for n, a in arms.items() if n not in OURS and _ok(arms, n) is not None}
+    metrics: list[tuple[str, tuple[str, ...], bool, str]] = [
+        ("TTFT p90", ("summary", "ttft_s", "p90"), False, "ms"),
+        ("TTFT p50", ("summary", "ttft_s", "p50"), False, "ms"),
+        ("ITL p90", ("summary", "itl_s", "p90"), False, "ms"),
+        ("e2e p90", ("summary", "e2e_s", "p90"), False, "s"),
+        ("output tokens/s", ("summary", "output_tokens_per_s"), True, ""),
+        ("goodput", ("summary", "goodput_rps"), True, ""),
+        ("prefix-cache hit rate", ("prefix_cache", "hit_rate"), True, ""),
+        ("balance CV", ("summary", "balance_cv"), False, ""),
+        ("router CPU seconds", ("router_cpu_s", "total"), False, ""),
+        ("error rate", ("summary", "error_rate"), False, ""),
+    ]
+    why = {
+        "router CPU seconds": "the EPP is a Python process doing an ext_proc round trip, "
+        "prompt hashing and scoring per request, on top of Envoy; the Rust routers and "
+        "plain Envoy do far less work per request",
+        "balance CV": "affinity deliberately concentrates each prefix group on few "
+        "endpoints; round robin spreads requests evenly by construction",
+        "TTFT p50": "",
+        "ITL p90": "prefix affinity packs a group's requests onto one endpoint, so its "
+        "decode batch is larger than under an even spread",
+    }
+    out: list[str] = []
+    for label, path, higher_better, _unit in metrics:
+        ours = _get(o, *path)
+        if ours is None:
+            continue
+        better: list[tuple[str, float]] = []
+        for n, a in others.items():
+            v = _get(a, *path)
+            if v is None:
+                continue
+            if (v > ours * 1.05) if higher_better else (v < ours * 0.95 and ours - v > 1e-9):
+                better.append((n, v))
+        if better:
+            names = ", ".join(f"{n} ({_fmt(label, v)})" for n, v in better)
+            reason = why.get(label) or "see the tables above"
+            out.append(f"- {label}: pdroute {_fmt(label, ours)}; better: {names}. Why: {reason}.")
+    return out
+
+
+def _fmt(label: str, v: float) -> str:
+    if label.startswith(("TTFT", "ITL")):
+        return f"{v * 1000:.0f} ms"
+    if label.startswith("e2e"):
+        return f"{v:.2f} s"
+    if "rate" in label:
+        return f"{v * 100:.1f}%"
+    if label == "router CPU seconds":
+        return f"{v:.1f} s"
+    return f"{v:.2f}"
+
+
+def ramp_table(arms: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "| arm | offered req/s | achieved req/s | TTFT p90 (ms) | ITL p90 (ms) | e2e p90 (s) "
+        "| errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, arm in arms.items():
+        for ph in arm.get("phases") or []:
+            lines.append(
+                f"| {name} | {ph['offered_rate']:g} | {_num(ph['requests_per_s'], 1)} "
+                f"| {_ms(ph['ttft_s']['p90'])} | {_ms(ph['itl_s']['p90'])} "
+                f"| {_s(ph['e2e_s']['p90'])} | {_pct(ph['error_rate'])} |"
+            )
+    return lines
+
+
+def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> str:
+    """The results page (``plots``: workload -> relative PNG path)."""
+    plots = plots or {}
+    cfg = results.get("config", {})
+    env = results.get("environment", {})
+    slo = cfg.get("slo", {})
+    lines = [
+        "# pdroute benchmarks",
+        "",
+        "What does pdroute buy over round robin and over the routers you could use instead?",
+        "Generated by `pdroute bench report` from a `pdroute bench run` results directory; "
+        "do not edit by hand (see [benchmarks/README.md](../benchmarks/README.md)).",
+        "",
+        f"- run: {results.get('created', '?')}, command `{' '.join(cfg.get('argv') or [])}`",
+        f"- machine: {env.get('cpus', '?')} CPUs, {env.get('platform', '?')}, "
+        f"Python {env.get('python', '?')}, commit {env.get('git_commit', '?')}",
+        f"- goodput SLO: TTFT <= {slo.get('ttft_s', '?')} s and mean ITL <= "
+        f"{slo.get('itl_s', '?')} s per request",
+        "- model servers: pdroute's vLLM simulator (same metrics, prefix cache with LRU "
+        "eviction, continuous batching, latency from a GPU profile); every arm gets a fresh "
+        "fleet (cold caches) and the identical, seeded request plan; open-loop Poisson "
+        "arrivals; streaming completions.",
+        "- balance CV: std-dev / mean of requests per decode endpoint (from the servers' "
+        "own counters); router CPU: user+system seconds of the routing processes during "
+        "the run (pdroute: Envoy + EPP [+ sidecars]; round robin: Envoy; peers: the router).",
+        "",
+    ]
+    if cfg.get("quick"):
+        lines += [
+            "> Quick mode: short runs on a 2-core machine shared with the simulators and the "
+            "load generator. Treat differences under ~10% as noise.",
+            "",
+        ]
+    for name, wl in (results.get("workloads") or {}).items():
+        arms = wl.get("arms") or {}
+        spec = wl.get("spec") or {}
+        fleet = spec.get("fleet") or {}
+        shape = wl.get("shape") or {}
+        lines += [f"## {WORKLOAD_TITLES.get(name, name)}", ""]
+        fleet_txt = (
+            f"{fleet.get('decode')} servers, profile `{fleet.get('profile')}`, "
+            f"{fleet.get('num_blocks')} KV blocks x {fleet.get('block_size')} tokens each, "
+            f"max {fleet.get('max_num_seqs')} running"
+        )
+        if fleet.get("prefill"):
+            fleet_txt += (
+                f" (P/D arm: {fleet.get('prefill')} of them prefill, "
+                f"{int(fleet.get('decode', 0)) - int(fleet.get('prefill', 0))} decode)"
+            )
+        lines.append(f"- fleet: {fleet_txt}")
+        lines.append(
+            f"- load: {shape.get('requests')} requests over {spec.get('duration_s')} s, "
+            f"offered {shape.get('offered_rate')} req/s, prompt ~{shape.get('prompt_tokens_p50')} "
+            f"tokens (max {shape.get('prompt_tokens_max')}), {shape.get('output_tokens')} "
+            "output tokens"
+        )
+        if shape.get("working_set_tokens"):
+            lines.append(
+                f"- working set: {spec.get('groups')} prefixes x {spec.get('system_tokens')} "
+                f"tokens = {shape['working_set_tokens']} tokens = "
+                f"{shape.get('working_set_over_endpoint_kv')}x one endpoint's KV "
+                f"({shape.get('endpoint_kv_tokens')} tokens)"
+            )
+        lines += ["", *arm_table(arms), ""]
+        comp = comparisons(arms)
+        if comp:
+            lines += [*comp, ""]
+        if name == "ramp":
+            lines += [*ramp_table(arms), ""]
+        lost = losses(arms)
+        if lost:
+            lines += ["Where pdroute is not the best arm:", "", *lost, ""]
+        if name in plots:
+            lines += [f"![{name}]({plots[name]})", ""]
+    failed = [
+        f"- {w} / {a}: {arm.get('reason')}"
+        for w, wl in (results.get("workloads") or {}).items()
+        for a, arm in (wl.get("arms") or {}).items()
+        if arm.get("status") != "ok"
+    ]
+    if failed:
+        lines += ["## Arms that failed", "", *failed, ""]
+    pending = results.get("pending") or []
+    if pending:
+        lines += ["## Not measured yet", "", *[f"- {p}" for p in pending], ""]
+    if not plots:
+        lines += ["_Plots: not rendered (install the `bench` extra: matplotlib)._", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_plots(results: Mapping[str, Any], out_dir: Path, prefix: str = "") -> dict[str, Path]:
+    """PNG per workload (TTFT p90 bars; latency vs offered load for the ramp).
+    Returns workload -> file; empty when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made: dict[str, Path] = {}
+    for name, wl in (results.get("workloads") or {}).items():
+        arms = {n: a for n, a in (wl.get("arms") or {}).items() if a.get("status") == "ok"}
+        if not arms:
+            continue
+        path = out_dir / f"{prefix}{name}.png"
+        if name == "ramp" and any(a.get("phases") for a in arms.values()):
+            fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+            for n, a in arms.items():
+                ph = a.get("phases") or []
+                x = [p["offered_rate"] for p in ph]
+                for ax, key in zip(axes, ("ttft_s", "e2e_s"), strict=True):
+                    y = [p[key]["p90"] for p in ph]
+                    ax.plot(x, y, marker="o", label=n)
+            axes[0].set_ylabel("TTFT p90 (s)")
+            axes[1].set_ylabel("e2e latency p90 (s)")
+            for ax in axes:
+                ax.set_xlabel("offered load (req/s)")
+                ax.set_yscale("log")
+                ax.grid(True, alpha=0.3)
+            axes[0].legend(fontsize=8)
+            fig.suptitle("Load ramp: latency vs offered load")
+        else:
+            fig, ax = plt.subplots(figsize=(7, 3.8))
+            names = list(arms)
+            vals = [(arms[n]["summary"]["ttft_s"]["p90"] or 0.0) * 1000 for n in names]
+            colors = ["#2a7" if n in OURS else "#889" for n in names]
+            bars = ax.bar(names, vals, color=colors)
+            ax.bar_label(bars, labels=[f"{v:.0f}" for v in vals], fontsize=8)
+            ax.set_ylabel("TTFT p90 (ms)")
+            ax.set_title(f"{name}: time to first token, p90 (lower is better)")
+            ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+            ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made[name] = path
+    return made
+
+
+def write_report(
+    results: Mapping[str, Any], md_path: Path, png_dir: Path, png_prefix: str = ""
+) -> tuple[Path, dict[str, Path]]:
+    """Render plots into ``png_dir`` and the page into ``md_path`` (links relative)."""
+    plots = render_plots(results, png_dir, png_prefix)
+    rel: dict[str, str] = {}
+    for name, p in plots.items():
+        try:
+            rel[name] = str(p.resolve().relative_to(md_path.parent.resolve()))
+        except ValueError:
+            rel[name] = str(p.resolve())
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(render_markdown(results, rel))
+    return md_path, plots

@@ -1,0 +1,234 @@
+"""Run workloads against arms and write the results directory.
+
+For each workload, for each arm: start the arm (fresh fleet, cold caches), take a
+snapshot of the model servers' counters and the routers' CPU time, run the load
+generator as a separate process (:mod:`pdroute.bench.loadgen`) with the workload's
+plan, take the second snapshot, stop the arm, summarise. An arm that fails to
+install or start is recorded with ``status: failed`` and the reason.
+
+Results directory layout::
+
+    results.json            everything (config, environment, per-arm metrics)
+    results.md              the markdown tables (same renderer as the docs page)
+    plots/*.png             when matplotlib is importable
+    plans/<workload>.json   the planned requests (identical for every arm)
+    records/<workload>/<arm>.json   per-request records
+    runs/<workload>/<arm>/  configs and logs of every process of the arm
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from pdroute.bench.arms import PD_ARMS, Arm, ArmFailed, ArmInfo, cpu_seconds
+from pdroute.bench.stats import (
+    RequestRecord,
+    Slo,
+    hit_rate,
+    parse_prometheus_sums,
+    summarize,
+)
+from pdroute.bench.workloads import WorkloadSpec, describe, generate
+
+COUNTERS = (
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:request_success_total",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+)
+
+
+@dataclass
+class RunConfig:
+    workloads: list[WorkloadSpec]
+    arms: list[str]
+    out: Path
+    slo: Slo = field(default_factory=Slo)
+    model: str = "sim-model"
+    concurrency: int = 512
+    timeout_s: float = 300.0
+    quick: bool = False
+    argv: list[str] = field(default_factory=list)
+
+
+async def scrape(urls: Sequence[str]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    async with aiohttp.ClientSession() as http:
+        for u in urls:
+            try:
+                async with http.get(u, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    text = await r.text()
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                continue
+            out[u] = parse_prometheus_sums(text, COUNTERS)
+    return out
+
+
+def _delta(
+    after: dict[str, dict[str, float]], before: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    return {
+        u: {k: v - before.get(u, {}).get(k, 0.0) for k, v in vals.items()}
+        for u, vals in after.items()
+    }
+
+
+def environment() -> dict[str, Any]:
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *a], check=False, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+async def run_loadgen(
+    info: ArmInfo, plan_file: Path, out_file: Path, cfg: RunConfig, label: str
+) -> list[RequestRecord]:
+    argv = [
+        sys.executable,
+        "-m",
+        "pdroute.bench.loadgen",
+        "--plan",
+        str(plan_file),
+        "--url",
+        info.base_url,
+        "--model",
+        cfg.model,
+        "--out",
+        str(out_file),
+        "--concurrency",
+        str(cfg.concurrency),
+        "--timeout",
+        str(cfg.timeout_s),
+        "--label",
+        label,
+    ]
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL)
+    rc = await proc.wait()
+    if rc != 0:
+        raise ArmFailed(f"load generator exited with code {rc}")
+    data = await asyncio.to_thread(out_file.read_bytes)
+    return [RequestRecord.from_json(d) for d in orjson.loads(data)]
+
+
+async def run_arm(spec: WorkloadSpec, arm: str, plan_file: Path, cfg: RunConfig) -> dict[str, Any]:
+    run_dir = cfg.out / "runs" / spec.name / arm
+    rec_file = cfg.out / "records" / spec.name / f"{arm}.json"
+    rec_file.parent.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    async with Arm(arm, spec.fleet, run_dir, cfg.model) as info:
+        startup = time.monotonic() - t_start
+        before = await scrape(info.metrics_urls)
+        cpu0 = {k: cpu_seconds(p) for k, p in info.router_pids.items()}
+        records = await run_loadgen(info, plan_file, rec_file, cfg, f"{spec.name}/{arm}")
+        cpu1 = {k: cpu_seconds(p) for k, p in info.router_pids.items()}
+        after = await scrape(info.metrics_urls)
+    delta = _delta(after, before)
+    hits = sum(d["vllm:prefix_cache_hits_total"] for d in delta.values())
+    queries = sum(d["vllm:prefix_cache_queries_total"] for d in delta.values())
+    served = {
+        u.removeprefix("http://").removesuffix("/metrics"): d["vllm:request_success_total"]
+        for u, d in delta.items()
+    }
+    per_ep = {e: served.get(e, 0.0) for e in info.endpoints}
+    summary = summarize(records, cfg.slo, info.endpoints)
+    # The servers' own counts are authoritative for balance (peers may not pass
+    # x-inference-served-by through); header counts stay in per_endpoint_header.
+    summary["per_endpoint_header"] = summary.pop("per_endpoint")
+    summary["per_endpoint"] = per_ep
+    from pdroute.bench.stats import coefficient_of_variation
+
+    summary["balance_cv"] = coefficient_of_variation(per_ep.values())
+    cpu = {
+        k: (cpu1[k] or 0.0) - (cpu0[k] or 0.0)
+        for k in info.router_pids
+        if cpu0.get(k) is not None and cpu1.get(k) is not None
+    }
+    result: dict[str, Any] = {
+        "status": "ok",
+        "startup_s": round(startup, 2),
+        "summary": summary,
+        "prefix_cache": {"hits": hits, "queries": queries, "hit_rate": hit_rate(hits, queries)},
+        "router_cpu_s": {**cpu, "total": sum(cpu.values())},
+        "server_counters": delta,
+        "records_file": str(rec_file.relative_to(cfg.out)),
+        "run_dir": str(run_dir.relative_to(cfg.out)),
+    }
+    if spec.name == "ramp":
+        phases = []
+        for i, rate in enumerate(spec.ramp_rates):
+            recs = [r for r in records if r.phase == i]
+            s = summarize(recs, cfg.slo)
+            s.pop("per_endpoint", None)
+            phases.append({"phase": i, "offered_rate": rate, **s})
+        result["phases"] = phases
+    return result
+
+
+def arms_for(spec: WorkloadSpec, arms: Sequence[str]) -> list[str]:
+    """P/D arms only run on workloads whose fleet has prefill servers."""
+    return [a for a in arms if a not in PD_ARMS or spec.fleet.prefill > 0]
+
+
+async def run_all(cfg: RunConfig) -> dict[str, Any]:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "plans").mkdir(exist_ok=True)
+    results: dict[str, Any] = {
+        "schema": 1,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "environment": environment(),
+        "config": {
+            "argv": cfg.argv,
+            "arms": cfg.arms,
+            "quick": cfg.quick,
+            "slo": {"ttft_s": cfg.slo.ttft_s, "itl_s": cfg.slo.itl_s},
+            "concurrency": cfg.concurrency,
+            "model": cfg.model,
+        },
+        "workloads": {},
+    }
+    for spec in cfg.workloads:
+        plan = generate(spec)
+        plan_file = cfg.out / "plans" / f"{spec.name}.json"
+        plan_file.write_bytes(orjson.dumps([r.to_json() for r in plan]))
+        wl: dict[str, Any] = {"spec": spec.to_json(), "shape": describe(spec, plan), "arms": {}}
+        results["workloads"][spec.name] = wl
+        for arm in arms_for(spec, cfg.arms):
+            print(f"== {spec.name} / {arm}: {len(plan)} requests", file=sys.stderr, flush=True)
+            try:
+                wl["arms"][arm] = await run_arm(spec, arm, plan_file, cfg)
+            except ArmFailed as e:
+                print(f"   {arm} FAILED: {e}", file=sys.stderr, flush=True)
+                wl["arms"][arm] = {"status": "failed", "reason": str(e)}
+            write_results(cfg.out, results)  # partial results survive an interrupted run
+    return results
+
+
+def write_results(out: Path, results: dict[str, Any]) -> Path:
+    path = out / "results.json"
+    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    return path
