@@ -308,7 +308,11 @@ class SidecarProxy:
             )
 
         doc: dict[str, Any] | None = None
-        if not self.config.allow_client_kv_transfer_params and b"kv_transfer_params" in body:
+        # JSON may spell the key with escapes ("kv_transfer\u005fparams"): any escape
+        # means "parse and look", not "skip" (a byte search alone could be bypassed).
+        if not self.config.allow_client_kv_transfer_params and (
+            b"kv_transfer_params" in body or b"\\u" in body
+        ):
             doc = self._parse_json(body)
             if "kv_transfer_params" in doc:
                 del doc["kv_transfer_params"]
@@ -531,19 +535,25 @@ class SidecarProxy:
             headers=_response_headers(up.headers, keep_length=keep_length),
         )
         await resp.prepare(request)
+        writing = False
         try:
             async for chunk in up.content.iter_any():
                 out = rewriter.feed(chunk) if rewriter is not None else chunk
                 if out:
+                    writing = True
                     await resp.write(out)
+                    writing = False
             if rewriter is not None:
                 tail = rewriter.flush()
                 if tail:
+                    writing = True
                     await resp.write(tail)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            # Headers are gone: the only honest signal left is a truncated body.
-            self.metrics.leg_failures.labels("decode", "stream_broken").inc()
-            log.warning("decode stream broke mid-answer: %s", e.__class__.__name__)
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as e:
+            # Headers are gone: the only honest signal left is a truncated body. Leaving
+            # this block closes the upstream response, so vLLM aborts the generation.
+            reason = "client_gone" if writing else "stream_broken"
+            self.metrics.leg_failures.labels("decode", reason).inc()
+            log.info("decode stream ended early (%s): %s", reason, e.__class__.__name__)
             if request.transport is not None:
                 request.transport.close()
             return resp

@@ -461,3 +461,44 @@ async def test_prefiller_tls(make_harness: HarnessFactory) -> None:
     assert len(h2.prefill.seen) == 1
     assert h2.decode.seen[0].json()["kv_transfer_params"] == PARAMS
     assert isinstance(server_ctx, ssl.SSLContext)
+
+
+async def test_escaped_kv_transfer_params_key_is_removed(make_harness: HarnessFactory) -> None:
+    h = await make_harness()
+    raw = b'{"model": "m", "prompt": "p", "kv_transfer\\u005fparams": {"remote_host": "10.6.6.6"}}'
+    status, _, _ = await h.post("/v1/completions", raw)
+    assert status == 200
+    assert h.decode.seen[0].json() == {"model": "m", "prompt": "p"}
+
+
+async def test_client_disconnect_stops_the_decode_stream(make_harness: HarnessFactory) -> None:
+    h = await make_harness()
+    upstream_ended = asyncio.Event()
+    sent = 0
+
+    async def endless(request: web.Request, seen: Seen) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for _ in range(500):
+                await resp.write(b'data: {"choices":[{"text":"t"}]}\n\n')
+                sent += 1
+                await asyncio.sleep(0.01)
+        except ConnectionError:
+            pass
+        finally:
+            upstream_ended.set()
+        return resp
+
+    h.decode.handler = endless
+    async with h.session.post(h.url + "/v1/completions", data=b'{"stream": true}') as r:
+        await r.content.readuntil(b"\n\n")
+    # The client is gone: the sidecar must drop the upstream stream, not drain it.
+    await asyncio.wait_for(upstream_ended.wait(), 3)
+    assert sent < 400
+    for _ in range(100):
+        if h.counter("pdroute_sidecar_leg_failures_total", leg="decode", reason="client_gone"):
+            break
+        await asyncio.sleep(0.01)
+    assert h.counter("pdroute_sidecar_leg_failures_total", leg="decode", reason="client_gone") == 1
