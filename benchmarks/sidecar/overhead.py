@@ -15,7 +15,8 @@ Cases (each ``--requests`` times, after a warm-up):
 * ``sidecar-pd``    client -> sidecar -> prefill + decode       (the sidecar's P/D)
 * ``*-stream``      the same with ``stream: true`` (SSE, cached_tokens rewritten)
 
-Reported: p50/p90/p99 ms per case, and the added p50 of each sidecar case over
+Reported: p50/p90/p99 ms per case, the sidecar process's CPU time per request
+(utime+stime from /proc: the load-independent cost), and the added p50 of each sidecar case over
 its baseline. Prints a table and JSON (``--json FILE`` also writes it). The
 numbers depend on the machine and its load: compare cases of one run.
 
@@ -143,6 +144,12 @@ async def _measure(
     return lat
 
 
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
@@ -210,12 +217,16 @@ def run(requests: int, warmup: int) -> dict[str, Any]:
             cases["sidecar-pd" + sfx] = [(s_url, body(stream), pd_hdr)]
         results: dict[str, dict[str, float]] = {}
         for name, calls in cases.items():
+            cpu0 = _cpu_s(sidecar.pid)
             lat = asyncio.run(_measure(requests, warmup, calls))
+            cpu = _cpu_s(sidecar.pid) - cpu0
             results[name] = {
                 "p50_ms": round(statistics.median(lat), 3),
                 "p90_ms": round(_pct(lat, 0.9), 3),
                 "p99_ms": round(_pct(lat, 0.99), 3),
                 "mean_ms": round(statistics.fmean(lat), 3),
+                # CPU the sidecar process burnt per request: load-independent cost.
+                "sidecar_cpu_ms_per_req": round(cpu * 1000 / (requests + warmup), 3),
             }
         added: dict[str, float] = {}
         for kind in ("", "-stream"):
@@ -247,9 +258,12 @@ def run(requests: int, warmup: int) -> dict[str, Any]:
 
 
 def table(doc: dict[str, Any]) -> str:
-    rows = [f"{'case':<22}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}"]
+    rows = [f"{'case':<22}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'sidecar CPU ms/req':>20}"]
     for name, r in doc["cases"].items():
-        rows.append(f"{name:<22}{r['p50_ms']:>10.3f}{r['p90_ms']:>10.3f}{r['p99_ms']:>10.3f}")
+        rows.append(
+            f"{name:<22}{r['p50_ms']:>10.3f}{r['p90_ms']:>10.3f}{r['p99_ms']:>10.3f}"
+            f"{r['sidecar_cpu_ms_per_req']:>20.3f}"
+        )
     rows.append("")
     for name, v in doc["added_p50_ms"].items():
         rows.append(f"added p50 by the sidecar ({name}): {v:.3f} ms")
