@@ -210,6 +210,12 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
         raise StartupError(f"engineConfigs: {e}") from None
     if args.cert_path is not None and not args.secure_serving:
         raise StartupError("--cert-path needs --secure-serving")
+    if director.needs_response_body:
+        log.info(
+            "the scheduling config needs response bodies (usage): configure Envoy's ext_proc "
+            "response_body_mode FULL_DUPLEX_STREAMED (pdroute.stack.envoy: "
+            "EnvoyOptions(response_body=True)); without it token usage is not reported"
+        )
     handler = StreamHandler(
         director,
         max_request_body_bytes=args.max_request_body_bytes,

@@ -62,6 +62,7 @@ async def start_backend() -> Backend:
                 "headers": {k.lower(): v for k, v in request.headers.items()},
                 "body_len": len(body),
                 "body_sha": hashlib.sha256(body).hexdigest(),
+                "usage": {"prompt_tokens": len(body), "completion_tokens": 1},
             }
         )
 
@@ -191,6 +192,7 @@ async def make_stack(envoy_binary: str, tmp_path: Path) -> AsyncIterator[Callabl
         max_body: int = 1024 * 1024,
         extra_pool: list[str] | None = None,
         tls: bool = False,
+        response_body: bool = False,
     ) -> Stack:
         backends = [await start_backend() for _ in range(n_backends)]
         for b in backends:
@@ -217,6 +219,7 @@ async def make_stack(envoy_binary: str, tmp_path: Path) -> AsyncIterator[Callabl
             pool=[b.key for b in backends] + list(extra_pool or []),
             failure_mode_allow=failure_mode_allow,
             epp_tls=tls,
+            response_body=response_body,
             message_timeout_s=5.0,
             epp_health_interval_s=0.2,
         )

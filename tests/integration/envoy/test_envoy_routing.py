@@ -80,3 +80,21 @@ async def test_epp_over_tls(make_stack: Any) -> None:
     status, body, _ = await st.post({"model": "m", "pick": [st.backends[1].key]})
     assert status == 200, body
     assert body["served_by"] == st.backends[1].key
+
+
+async def test_response_bodies_through_the_epp_when_the_director_needs_them(
+    make_stack: Any,
+) -> None:
+    from conftest import PickDirector  # type: ignore[import-not-found]
+
+    director = PickDirector(default=[], needs_response_body=True)
+    st = await make_stack(2, director=director, response_body=True)
+    director.default = [st.backends[0].key]
+    payload = orjson.dumps({"model": "m", "prompt": "y" * 150_000})
+    status, body, _ = await st.post(None, raw=payload)
+    assert status == 200, body
+    # The response body streamed through the EPP arrives intact ...
+    assert body["body_sha"] == hashlib.sha256(payload).hexdigest()
+    # ... and its usage reached the decision's finish hook.
+    (info,) = director.decisions[-1].finished
+    assert (info.prompt_tokens, info.completion_tokens) == (len(payload), 1)
