@@ -205,6 +205,11 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=64, help="throughput run concurrency")
     ap.add_argument("--tls", action="store_true", help="TLS between Envoy and the EPP")
     ap.add_argument("--refresh-metrics-interval", default="100ms")
+    ap.add_argument(
+        "--skip-response-headers",
+        action="store_true",
+        help="Envoy does not send response headers to the EPP (fewer messages)",
+    )
     ap.add_argument("--json", type=Path, help="also write the JSON result here")
     args = ap.parse_args()
 
@@ -240,6 +245,7 @@ def main() -> int:
             "duration_s": args.duration,
             "concurrency": [1, args.concurrency],
             "tls_to_epp": args.tls,
+            "response_headers_to_epp": not args.skip_response_headers,
             "refresh_metrics_interval": args.refresh_metrics_interval,
             "request_body_bytes": len(BODY),
             "envoy_concurrency": 1,
@@ -320,6 +326,7 @@ def main() -> int:
                 epp_port=grpc_port,
                 pool=pool,
                 epp_tls=args.tls,
+                response_headers=not args.skip_response_headers,
             ),
             binary=envoy_bin,
             workdir=tmp / "envoy-epp",

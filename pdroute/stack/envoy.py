@@ -104,6 +104,10 @@ class EnvoyOptions:
     message_timeout_s: float = 10.0
     #: Route the response body through the EPP (only when the director needs usage).
     response_body: bool = False
+    #: Send response headers to the EPP (status, served endpoint, response headers
+    #: such as session tokens). False saves two of seven ext_proc messages per
+    #: request; the EPP then sees the response end only when the stream closes.
+    response_headers: bool = True
     #: Retries walk the EPP's ordered fallback list (pool mode).
     num_retries: int = 2
     route_timeout_s: float = 300.0
@@ -275,7 +279,7 @@ def _ext_proc_filter(o: EnvoyOptions) -> dict[str, Any]:
             "message_timeout": _duration(o.message_timeout_s),
             "processing_mode": {
                 "request_header_mode": "SEND",
-                "response_header_mode": "SEND",
+                "response_header_mode": "SEND" if o.response_headers or o.response_body else "SKIP",
                 "request_body_mode": "FULL_DUPLEX_STREAMED",
                 "response_body_mode": "FULL_DUPLEX_STREAMED" if o.response_body else "NONE",
                 "request_trailer_mode": "SEND",

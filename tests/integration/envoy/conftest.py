@@ -193,6 +193,7 @@ async def make_stack(envoy_binary: str, tmp_path: Path) -> AsyncIterator[Callabl
         extra_pool: list[str] | None = None,
         tls: bool = False,
         response_body: bool = False,
+        response_headers: bool = True,
     ) -> Stack:
         backends = [await start_backend() for _ in range(n_backends)]
         for b in backends:
@@ -220,6 +221,7 @@ async def make_stack(envoy_binary: str, tmp_path: Path) -> AsyncIterator[Callabl
             failure_mode_allow=failure_mode_allow,
             epp_tls=tls,
             response_body=response_body,
+            response_headers=response_headers,
             message_timeout_s=5.0,
             epp_health_interval_s=0.2,
         )

@@ -37,6 +37,7 @@ def validate(binary: str, opts: stack_envoy.EnvoyOptions, tmp_path: Path) -> Non
         {"mode": stack_envoy.MODE_ORIGINAL_DST, "pool": []},
         {"epp_enabled": False},
         {"epp_health_interval_s": 0, "num_retries": 0},
+        {"response_headers": False},
     ],
 )
 def test_rendered_bootstraps_validate(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any
 
@@ -98,3 +99,17 @@ async def test_response_bodies_through_the_epp_when_the_director_needs_them(
     # ... and its usage reached the decision's finish hook.
     (info,) = director.decisions[-1].finished
     assert (info.prompt_tokens, info.completion_tokens) == (len(payload), 1)
+
+
+async def test_without_response_headers_finish_runs_at_stream_end(make_stack: Any) -> None:
+    st = await make_stack(2, response_headers=False)
+    status, body, headers = await st.post({"model": "m", "pick": [st.backends[1].key]})
+    assert status == 200 and body["served_by"] == st.backends[1].key
+    assert "x-epp-picked" not in headers  # no response-header answer from the EPP
+    decision = st.director.decisions[-1]
+    for _ in range(100):
+        if decision.finished:
+            break
+        await asyncio.sleep(0.02)
+    (info,) = decision.finished
+    assert info.status is None  # never saw the response headers
