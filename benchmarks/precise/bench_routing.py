@@ -1,0 +1,382 @@
+"""Routing quality on the simulator fleet: precise vs approximate prefix affinity vs
+load-only vs round robin.
+
+    .venv/bin/python benchmarks/precise/bench_routing.py [--quick] [--json-out FILE]
+
+A multi-turn chat-like workload (sessions with a long private context, several turns
+each, turns of one session sequential, sessions interleaved by concurrent clients)
+runs against a fleet of ``pdroute sim`` replicas (a separate process, so the
+simulated engines do not share this process's CPU) whose KV caches cannot hold
+every session at once. Each policy gets a fresh fleet. Requests go through the real
+EPP director (parse, prepare-data, scheduler, pre-request hooks) in this process,
+then straight to the chosen replica (streaming, so TTFT is measured at the first
+chunk, routing and tokenization included). Metrics are scraped by the EPP's
+scraper; the precise policy receives the fleet's KV events on a bound ZMQ socket
+and tokenizes through the replicas' ``/tokenize``.
+
+Reported per policy: engine prefix-cache hit rate (``vllm:prefix_cache_hits`` /
+``queries`` summed over the fleet), TTFT p50/p90/mean, the EPP's routing time
+p50/p99, and the request share of the busiest replica. Latencies are simulated
+(``llama-3.1-8b-h100`` profile: prefill 250 us/token), so compare policies, not
+absolute numbers. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+
+import epp.scheduling.plugins  # noqa: F401  (registers every plugin type)
+from epp.datalayer.scraper import MetricsScraper
+from epp.datastore import Datastore, Endpoint
+from epp.requestcontrol.api import IncomingRequest, ResponseInfo
+from epp.requestcontrol.director import build_director
+from epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheProducer
+
+MODEL = "bench-model"
+HEAD = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
+PROFILE = "llama-3.1-8b-h100"
+
+POLICIES: dict[str, str | None] = {
+    "precise": HEAD
+    + """plugins:
+- type: precise-prefix-cache-producer
+  parameters:
+    speculativeIndexing: true
+    tokenProcessorConfig: {blockSize: 16}
+    kvEventsConfig: {zmqEndpoint: "tcp://127.0.0.1:0", discoverPods: false}
+- type: prefix-cache-scorer
+  parameters: {prefixMatchInfoProducerName: precise-prefix-cache-producer}
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: prefix-cache-scorer, weight: 3}
+  - {pluginRef: queue-scorer, weight: 2}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
+""",
+    "approximate": HEAD
+    + """plugins:
+- type: approx-prefix-cache-producer
+- type: prefix-cache-scorer
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: prefix-cache-scorer, weight: 3}
+  - {pluginRef: queue-scorer, weight: 2}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
+""",
+    "load-only": HEAD
+    + """plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: queue-scorer, weight: 2}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
+""",
+    "round-robin": None,
+}
+
+
+@dataclass
+class Workload:
+    sessions: int
+    turns: int
+    context_words: int
+    concurrency: int
+    seed: int = 11
+    docs: list[str] = field(default_factory=list)
+
+    def build(self) -> None:
+        rng = random.Random(self.seed)
+        vocab = [f"w{i}" for i in range(5000)]
+        self.docs = [
+            f"Session {s} context: "
+            + " ".join(rng.choice(vocab) for _ in range(self.context_words))
+            for s in range(self.sessions)
+        ]
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    route_s: float
+    endpoint: str
+
+
+def _counter_sum(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            head, _, value = line.rpartition(" ")
+            if head.split("{", 1)[0] in (name, name + "_total"):
+                total += float(value)
+    return total
+
+
+async def _scrape_cache(addresses: list[str]) -> tuple[float, float]:
+    hits = queries = 0.0
+    async with aiohttp.ClientSession() as s:
+        for a in addresses:
+            async with s.get(f"http://{a}/metrics") as r:
+                text = await r.text()
+            hits += _counter_sum(text, "vllm:prefix_cache_hits")
+            queries += _counter_sum(text, "vllm:prefix_cache_queries")
+    return hits, queries
+
+
+def _free_port_range(n: int) -> int:
+    """A base port with ``n`` consecutive free ports (checked a moment ago)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - n)
+        try:
+            socks = []
+            for i in range(n):
+                sk = socket.socket()
+                socks.append(sk)
+                sk.bind(("127.0.0.1", base + i))
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+        return base
+    raise RuntimeError("no free port range")
+
+
+async def _wait_healthy(addresses: list[str], limit_s: float = 60.0) -> None:
+    async with aiohttp.ClientSession() as s, asyncio.timeout(limit_s):
+        for a in addresses:
+            while True:
+                try:
+                    async with s.get(f"http://{a}/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+
+
+async def _join_event_streams(prod: PrecisePrefixCacheProducer, addresses: list[str]) -> None:
+    """PUB/SUB drops messages until the subscription propagates: send fresh small
+    prompts to each replica until its events show up."""
+    async with aiohttp.ClientSession() as s, asyncio.timeout(30):
+        for i, a in enumerate(addresses):
+            n = 0
+            while prod.index.held_count(a) == 0:
+                n += 1
+                body = {"model": MODEL, "prompt": f"join {i} {n} " * 20, "max_tokens": 1}
+                async with s.post(f"http://{a}/v1/completions", json=body) as r:
+                    await r.read()
+                await asyncio.sleep(0.05)
+
+
+async def run_policy(
+    name: str, config: str | None, wl: Workload, replicas: int, blocks: int
+) -> dict[str, Any]:
+    ds = Datastore()
+    director = build_director(ds, config_text=config, prepare_timeout_s=2.0) if config else None
+    producer: PrecisePrefixCacheProducer | None = None
+    events_kw: dict[str, Any] = {}
+    if director is not None:
+        for p in director.pipeline.plugins.values():
+            if isinstance(p, PrecisePrefixCacheProducer):
+                producer = p
+    if producer is not None:
+        producer.reconcile_interval_s = 0.05
+        producer.start()
+        while producer.bound_address is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        port = producer.bound_address.rsplit(":", 1)[1]
+        # "{host}" keeps the sim from offsetting the port per replica.
+        events_kw = {"kv_events_endpoint": f"tcp://{{host}}:{port}"}
+    base = _free_port_range(replicas)
+    argv = [
+        sys.executable, "-m", "pdroute.cli", "sim", "--replicas", str(replicas),
+        "--port", str(base), "--model", MODEL, "--profile", PROFILE, "--block-size", "16",
+        "--num-blocks", str(blocks), "--max-num-seqs", "64",
+    ]  # fmt: skip
+    if events_kw:
+        argv += ["--kv-events-endpoint", events_kw["kv_events_endpoint"]]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    addresses = [f"127.0.0.1:{base + i}" for i in range(replicas)]
+    scraper_task = None
+    try:
+        await _wait_healthy(addresses)
+        ds.replace_endpoints([Endpoint(f"sim{i}", "127.0.0.1", base + i) for i in range(replicas)])
+        scraper = MetricsScraper(ds, interval_s=0.05)
+        scraper_task = asyncio.get_running_loop().create_task(scraper.run())
+        await asyncio.sleep(0.3)  # first scrape; event sockets connect
+        if producer is not None:
+            await _join_event_streams(producer, addresses)
+        samples: list[Sample] = []
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for s in range(wl.sessions):
+            queue.put_nowait(s)
+        rr = [0]
+        t_start = time.perf_counter()
+
+        async def client(http: aiohttp.ClientSession) -> None:
+            while True:
+                try:
+                    s = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                history = wl.docs[s]
+                for t in range(wl.turns):
+                    prompt = f"{history}\nUser: question {t} about session {s}?\nAssistant:"
+                    body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "stream": True}
+                    raw = msgspec.json.encode(body)
+                    t0 = time.perf_counter()
+                    decision = None
+                    if director is None:
+                        ep = addresses[rr[0] % len(addresses)]
+                        rr[0] += 1
+                    else:
+                        decision = await director.route(
+                            IncomingRequest(
+                                headers={":path": "/v1/completions", ":method": "POST"},
+                                body=raw,
+                                request_id=f"{s}-{t}",
+                            )
+                        )
+                        ep = decision.endpoints[0]
+                    t_routed = time.perf_counter()
+                    ttft = None
+                    answer = []
+                    async with http.post(
+                        f"http://{ep}/v1/completions",
+                        data=raw,
+                        headers={"content-type": "application/json"},
+                    ) as r:
+                        async for line in r.content:
+                            if ttft is None and line.startswith(b"data:"):
+                                ttft = time.perf_counter() - t0
+                            if line.startswith(b"data: {"):
+                                chunk = msgspec.json.decode(line[6:])
+                                answer.append(chunk["choices"][0].get("text", ""))
+                        status = r.status
+                    if decision is not None:
+                        decision.finish(ResponseInfo(status=status, served_endpoint=ep))
+                    samples.append(Sample(ttft or 0.0, t_routed - t0, ep))
+                    history = prompt + "".join(answer)
+
+        async with aiohttp.ClientSession() as http:
+            await asyncio.gather(*(client(http) for _ in range(wl.concurrency)))
+        wall = time.perf_counter() - t_start
+        hits, queries = await _scrape_cache(addresses)
+    finally:
+        if scraper_task is not None:
+            scraper_task.cancel()
+        if producer is not None:
+            await producer.stop()
+        proc.terminate()
+        await proc.wait()
+    ttfts = sorted(x.ttft_s for x in samples)
+    routes = sorted(x.route_s for x in samples)
+    share = {a: 0 for a in addresses}
+    for x in samples:
+        share[x.endpoint] = share.get(x.endpoint, 0) + 1
+    n = len(samples)
+
+    def pct(v: list[float], q: float) -> float:
+        return v[min(len(v) - 1, int(q * len(v)))]
+
+    out: dict[str, Any] = {
+        "policy": name,
+        "requests": n,
+        "wall_s": wall,
+        "prefix_cache_hit_rate": hits / queries if queries else 0.0,
+        "ttft_p50_ms": pct(ttfts, 0.5) * 1e3,
+        "ttft_p90_ms": pct(ttfts, 0.9) * 1e3,
+        "ttft_mean_ms": statistics.mean(ttfts) * 1e3,
+        "route_p50_ms": pct(routes, 0.5) * 1e3,
+        "route_p99_ms": pct(routes, 0.99) * 1e3,
+        "busiest_replica_share": max(share.values()) / n,
+        "idlest_replica_share": min(share.values()) / n,
+    }
+    if producer is not None:
+        out["kv_events_applied"] = producer.ingestor.counts["applied"]
+        out["kv_events_gaps"] = producer.ingestor.counts["gap"]
+    return out
+
+
+async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    wl = Workload(
+        sessions=12 if args.quick else 24,
+        turns=4 if args.quick else 6,
+        context_words=600 if args.quick else 1000,
+        concurrency=8,
+    )
+    wl.build()
+    replicas = 4
+    # About 1.5 sessions' worth of growing context per replica slot: the fleet as a
+    # whole holds every session only if sessions stay on one replica.
+    blocks = 600 if args.quick else 1000
+    results = []
+    for name, cfg in POLICIES.items():
+        if args.policies and name not in args.policies:
+            continue
+        results.append(await run_policy(name, cfg, wl, replicas, blocks))
+    return {
+        "workload": {
+            "sessions": wl.sessions,
+            "turns": wl.turns,
+            "context_words": wl.context_words,
+            "concurrency": wl.concurrency,
+            "replicas": replicas,
+            "num_blocks_per_replica": blocks,
+            "block_size": 16,
+            "latency_profile": PROFILE,
+        },
+        "results": results,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--policies", nargs="*", choices=list(POLICIES))
+    args = ap.parse_args()
+    doc = asyncio.run(amain(args))
+    text = msgspec.json.format(msgspec.json.encode(doc), indent=2)
+    sys.stdout.write(text.decode() + "\n")
+    if args.json_out:
+        args.json_out.write_bytes(text)
+    print(
+        f"\n{'policy':<12} {'hit rate':>8} {'TTFT p50':>9} {'TTFT p90':>9} {'mean':>8}"
+        f" {'route p50':>9} {'route p99':>9} {'max share':>9}"
+    )
+    for r in doc["results"]:
+        print(
+            f"{r['policy']:<12} {r['prefix_cache_hit_rate']:>8.1%} {r['ttft_p50_ms']:>7.1f}ms"
+            f" {r['ttft_p90_ms']:>7.1f}ms {r['ttft_mean_ms']:>6.1f}ms {r['route_p50_ms']:>7.2f}ms"
+            f" {r['route_p99_ms']:>7.2f}ms {r['busiest_replica_share']:>9.0%}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
