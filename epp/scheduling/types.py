@@ -81,9 +81,16 @@ class PrefixMatchInfo:
     matches: dict[str, int]
     #: The hashes, so the producer can learn from the pick without rehashing.
     hashes: Sequence[int] = ()
+    #: Characters per block when the producer cut the prompt text (0: it cut tokens).
+    block_chars: int = 0
 
     def cached_tokens(self, endpoint: str, prompt_tokens: int) -> int:
         return min(prompt_tokens, self.matches.get(endpoint, 0) * self.block_tokens)
+
+    def cached_chars(self, endpoint: str, prompt_chars: int) -> int:
+        """Prompt characters covered by ``endpoint``'s matched blocks."""
+        per_block = self.block_chars or self.block_tokens * CHARS_PER_TOKEN
+        return min(prompt_chars, self.matches.get(endpoint, 0) * per_block)
 
 
 class CycleState:

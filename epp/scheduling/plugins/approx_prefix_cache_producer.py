@@ -41,8 +41,11 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
         block_chars: int | None = None,
     ) -> None:
         self.name = name
-        self.block_tokens = block_size_tokens
         self.block_chars = block_chars or block_size_tokens * CHARS_PER_TOKEN
+        # A legacy block given in characters counts as its estimated tokens.
+        self.block_tokens = (
+            block_size_tokens if not block_chars else -(-block_chars // CHARS_PER_TOKEN)
+        )
         self.max_blocks = max_blocks
         self.index = ApproxPrefixIndex(capacity_per_endpoint=lru_capacity, metrics_label=name)
 
@@ -87,6 +90,7 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
             block_tokens=self.block_tokens,
             matches=self.index.match(hashes) if hashes else {},
             hashes=hashes,
+            block_chars=self.block_chars,
         )
         cycle.values[self.name] = info
         if cycle.prefix_match is None:

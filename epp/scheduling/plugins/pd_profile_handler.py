@@ -14,7 +14,7 @@ from typing import Self
 from epp.config import Params
 from epp.scheduling.plugins.disagg_profile_handler import DisaggProfileHandler
 from epp.scheduling.registry import BuildContext, register
-from epp.scheduling.types import CHARS_PER_TOKEN, CycleState, LLMRequest, ProfileRunResult
+from epp.scheduling.types import CycleState, LLMRequest, ProfileRunResult
 
 
 @register
@@ -41,12 +41,9 @@ class PDProfileHandler(DisaggProfileHandler):
         if self.threshold == 0:
             return True, "always"
         info = cycle.prefix_match
-        cached_chars = 0
-        if info is not None:
-            cached_chars = (
-                info.matches.get(decode.targets[0].key, 0) * info.block_tokens * CHARS_PER_TOKEN
-            )
-        uncached = len(request.prompt) - cached_chars
+        n = len(request.prompt)
+        cached_chars = 0 if info is None else info.cached_chars(decode.targets[0].key, n)
+        uncached = n - cached_chars
         if uncached >= self.threshold:
             return True, "uncached-prefix"
         return False, "cached" if cached_chars else "short-prompt"

@@ -3,9 +3,12 @@
 ``uncached = prompt_tokens - cached_tokens(decode endpoint)`` where cached tokens
 come from the prefix-match producer (matched blocks x block tokens) and prompt
 tokens from a tokenizer count when available, else ``ceil(chars / 4)``.
-Disaggregate iff ``uncached >= nonCachedTokens`` and
-``prompt_tokens >= promptTokens`` and ``uncached > 0``; a threshold of 0 turns
-that check off. Without prefix information nothing counts as cached.
+Disaggregate iff ``nonCachedTokens > 0``, ``prompt_tokens >= promptTokens`` and
+``uncached >= nonCachedTokens``. As in llm-d, ``nonCachedTokens: 0`` (the default)
+turns disaggregation off, and a request without prefix-match information stays
+decode-only. The producer is ``prefixMatchInfoProducerName``, else the one prefix
+producer configured, else an implicit ``approx-prefix-cache-producer`` (llm-d
+creates producers for consumers the same way).
 """
 
 from __future__ import annotations
@@ -42,19 +45,21 @@ class PrefixBasedPDDecider(Decider):
         key = params.key_path("prefixMatchInfoProducerName")
         producer_name = params.get_str("prefixMatchInfoProducerName", "") or None
         params.finish()
-        producer = None
-        if producer_name:
-            producer = ctx.plugin(producer_name, PrefixMatchProducer, key=key)  # type: ignore[type-abstract]
+        producer = ctx.prefix_producer(producer_name, key=key)
         return cls(name, non_cached_tokens=non_cached, prompt_tokens=prompt, producer=producer)
 
     def disaggregate(
         self, cycle: CycleState, request: LLMRequest, decode: EndpointView
     ) -> tuple[bool, str]:
+        if self.non_cached_tokens <= 0:
+            return False, "disabled"
         tokens = request.estimated_prompt_tokens
         if tokens < self.prompt_tokens:
             return False, "short-prompt"
         info = self.producer.match_info(cycle) if self.producer is not None else cycle.prefix_match
-        cached = info.cached_tokens(decode.key, tokens) if info is not None else 0
+        if info is None:
+            return False, "no-prefix-info"
+        cached = info.cached_tokens(decode.key, tokens)
         uncached = tokens - cached
         if uncached <= 0:
             return False, "fully-cached"

@@ -210,7 +210,7 @@ def test_prompt_tokens_minimum_and_token_count_override() -> None:
     text = HEAD + (
         "plugins:\n- type: prefill-filter\n- type: decode-filter\n- type: queue-scorer\n"
         "- type: disagg-profile-handler\n  parameters: {deciders: {prefill: dec}}\n"
-        "- name: dec\n  type: prefix-based-pd-decider\n  parameters: {nonCachedTokens: 0, promptTokens: 50}\n"
+        "- name: dec\n  type: prefix-based-pd-decider\n  parameters: {nonCachedTokens: 1, promptTokens: 50}\n"
         "schedulingProfiles:\n- name: prefill\n  plugins: [{pluginRef: prefill-filter}]\n"
         "- name: decode\n  plugins: [{pluginRef: decode-filter}, {pluginRef: queue-scorer}]\n"
     )
@@ -221,6 +221,58 @@ def test_prompt_tokens_minimum_and_token_count_override() -> None:
     req = LLMRequest("r", "m", prompt="a" * 400, prompt_tokens=10)
     result, _ = pipe.scheduler.schedule(req, list(ds.snapshot().endpoints))
     assert set(result.profile_results) == {"decode"}
+
+
+def test_non_cached_tokens_zero_disables_disaggregation() -> None:
+    """llm-d: ``nonCachedTokens: 0`` (the default) means never disaggregate."""
+    ds = make_store(PD_ROLES)
+    text = HEAD + (
+        "plugins:\n- type: prefill-filter\n- type: decode-filter\n"
+        "- type: disagg-profile-handler\n  parameters: {deciders: {prefill: prefix-based-pd-decider}}\n"
+        "- type: prefix-based-pd-decider\n"
+        "schedulingProfiles:\n- name: prefill\n  plugins: [{pluginRef: prefill-filter}]\n"
+        "- name: decode\n  plugins: [{pluginRef: decode-filter}]\n"
+    )
+    pipe = pd_pipeline(ds, text)
+    before = counter("decode-only", "disabled")
+    out, headers = run(pipe, ds, "y" * 4000)  # 1000 uncached tokens
+    assert set(out) == {"decode"} and headers == {}
+    assert counter("decode-only", "disabled") == before + 1
+    # The decider's prefix producer was created implicitly and learns from the pick.
+    assert pipe.plugins["approx-prefix-cache-producer"].index.endpoints() == out["decode"]  # type: ignore[attr-defined]
+
+
+def test_decider_without_prefix_info_stays_decode_only() -> None:
+    from epp.datastore import EndpointView
+    from epp.scheduling.plugins.prefix_based_pd_decider import PrefixBasedPDDecider
+
+    decider = PrefixBasedPDDecider("d", non_cached_tokens=1)
+    ep = EndpointView(Endpoint("p", "10.0.0.9", 8000), EndpointMetrics(updated_at=NOW), False)
+    req = LLMRequest("r", "m", prompt="y" * 4000)
+    assert decider.disaggregate(CycleState(), req, ep) == (False, "no-prefix-info")
+
+
+def test_legacy_block_size_in_chars_counts_cached_chars_and_tokens() -> None:
+    """``blockSize`` (characters) sets the block for both the legacy handler's cached
+    characters and the decider's cached tokens (128 chars = 32 tokens, not 16)."""
+    ds = make_store(PD_ROLES)
+    text = HEAD + (
+        "plugins:\n- type: prefill-filter\n- type: decode-filter\n"
+        "- type: approx-prefix-cache-producer\n  parameters: {blockSize: 128}\n"
+        "- type: prefix-cache-scorer\n"
+        "- type: pd-profile-handler\n  parameters: {threshold: 100}\n"
+        "schedulingProfiles:\n- name: prefill\n  plugins: [{pluginRef: prefill-filter}]\n"
+        "- name: decode\n  plugins: [{pluginRef: decode-filter}, {pluginRef: prefix-cache-scorer}]\n"
+    )
+    pipe = pd_pipeline(ds, text)
+    assert "prefill" in run(pipe, ds, "s" * 1280)[0]  # 10 blocks of 128 chars, uncached
+    # Cached on decode now: 1280 chars matched, 50 new chars < 100.
+    assert set(run(pipe, ds, "s" * 1280 + "t" * 50)[0]) == {"decode"}
+    producer = pipe.plugins["approx-prefix-cache-producer"]
+    cycle = CycleState()
+    producer.produce(cycle, LLMRequest("r", "model-a", prompt="s" * 1280), [])  # type: ignore[attr-defined]
+    assert cycle.prefix_match is not None
+    assert cycle.prefix_match.block_tokens == 32 and cycle.prefix_match.block_chars == 128
 
 
 def test_prefill_unavailable_falls_back_to_decode_only() -> None:
