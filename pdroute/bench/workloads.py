@@ -41,6 +41,7 @@ Workloads:
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import asdict, dataclass, field, replace
@@ -218,13 +219,18 @@ def _rng(spec: WorkloadSpec, stream: str) -> random.Random:
     return random.Random(f"{spec.seed}/{spec.name}/{stream}")
 
 
+@functools.lru_cache(maxsize=8)
+def _systems(spec: WorkloadSpec) -> tuple[str, ...]:
+    return tuple(
+        f"[group {g}] " + words(_rng(spec, f"system-{g}"), spec.system_tokens)
+        for g in range(spec.groups)
+    )
+
+
 def _shared_prefix(
     spec: WorkloadSpec, rate: float, span: tuple[float, float], phase: int, first_idx: int
 ) -> list[BenchRequest]:
-    systems = [
-        f"[group {g}] " + words(_rng(spec, f"system-{g}"), spec.system_tokens)
-        for g in range(spec.groups)
-    ]
+    systems = _systems(spec)
     arrivals = poisson_arrivals(_rng(spec, f"arrivals-{phase}"), rate, *span)
     pick = _rng(spec, f"pick-{phase}")
     out: list[BenchRequest] = []

@@ -1,0 +1,71 @@
+"""Report rendering from a fixture results JSON (tables, ratios, losses, failures)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from pdroute.bench import cmd
+from pdroute.bench.report import comparisons, losses, render_markdown
+
+FIXTURE = Path(__file__).parent / "fixtures" / "results-small.json"
+
+
+@pytest.fixture
+def results() -> dict[str, Any]:
+    data: dict[str, Any] = orjson.loads(FIXTURE.read_bytes())
+    return data
+
+
+def test_table_rows_and_numbers(results: dict[str, Any]) -> None:
+    md = render_markdown(results)
+    assert md.startswith("# pdroute benchmarks\n")
+    # TTFT p50/p90/p99 in ms, ITL, tokens/s, goodput, hit rate, CV, router CPU.
+    assert "| pdroute | 60 / 100 / 300 | 14 / 25 | 1.00 / 2.00 | 800 | 10.00 (95.0%) | 0 " in md
+    assert "| 85.0% | 0.30 | 12.0 |" in md
+    assert "| round-robin | 900 / 2000 / 4000 |" in md
+    assert "working set: 16 prefixes x 1536 tokens = 24576 tokens = 2.4x one endpoint's KV" in md
+    assert "Quick mode" in md
+
+
+def test_failed_arm_is_listed_with_reason_not_dropped(results: dict[str, Any]) -> None:
+    md = render_markdown(results)
+    assert "| sglang-router | **failed**: installing sglang-router==0.3.2 failed" in md
+    assert "## Arms that failed" in md
+    assert "- shared-prefix / sglang-router: installing sglang-router" in md
+    assert "## Not measured yet" in md and "pdroute-precise" in md
+
+
+def test_ratios_against_baseline_and_peers(results: dict[str, Any]) -> None:
+    lines = comparisons(results["workloads"]["shared-prefix"]["arms"])
+    assert (
+        "- **pdroute vs round-robin**: TTFT p90 20.00x lower, output tokens/s 2.00x, "
+        "goodput 3.33x" in lines
+    )
+    assert any(line.startswith("- **pdroute vs vllm-router**: TTFT p90 4.00x") for line in lines)
+    assert not any("sglang-router" in line for line in lines)  # failed arm: no ratio
+
+
+def test_losses_name_every_metric_where_pdroute_is_beaten(results: dict[str, Any]) -> None:
+    lost = "\n".join(losses(results["workloads"]["shared-prefix"]["arms"]))
+    assert "router CPU seconds: pdroute 12.0 s; better: round-robin (1.0 s), vllm-router" in lost
+    assert "balance CV: pdroute 0.30; better: round-robin (0.01), vllm-router (0.20)" in lost
+    assert "ITL p90: pdroute 25 ms; better: vllm-router (22 ms)" in lost
+    assert "TTFT p90" not in lost  # pdroute wins there
+    assert "Why:" in lost
+
+
+def test_ramp_table(results: dict[str, Any]) -> None:
+    md = render_markdown(results)
+    assert "| round-robin | 8 | 3.3 | 3000 | 20 | 2.00 | 0.0% |" in md
+    assert "| pdroute | 4 | 3.3 | 80 |" in md
+
+
+def test_report_command_missing_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cmd.run(argparse.Namespace(bench_cmd="report", results=tmp_path, docs=tmp_path / "x.md"))
+    assert rc == 2
+    assert "results.json" in capsys.readouterr().err
