@@ -47,6 +47,7 @@ class EngineConfigError(ValueError):
 
     def __init__(self, key: str, message: str) -> None:
         self.key = key
+        self.problem = message
         super().__init__(f"{key}: {message}")
 
 

@@ -18,7 +18,8 @@ Design:
   Kubernetes ConfigMap volumes swap a symlink, which changes the inode: caught.
 * At start-up a bad or missing file is fatal (``run`` raises); on reload the error is
   logged once per distinct file content and the previous set is kept.
-* File I/O runs in a worker thread so the event loop never blocks on a slow disk.
+* File I/O and YAML parsing (up to ``MAX_FILE_BYTES``) run in a worker thread, so the
+  event loop never blocks on a slow disk or a large file.
 """
 
 from __future__ import annotations
@@ -288,7 +289,7 @@ class StaticFileSource:
     async def run(self, datastore: Datastore) -> None:
         # Start-up: errors propagate (fatal).
         st, data = await asyncio.to_thread(_read_file, self._path)
-        endpoints = load_endpoints_file(self._path, data)
+        endpoints = await asyncio.to_thread(load_endpoints_file, self._path, data)
         self._remember(st, data)
         datastore.replace_endpoints(endpoints)
         self.loads += 1
@@ -326,7 +327,7 @@ class StaticFileSource:
         if digest == self._bad_digest:
             return False  # already reported; wait for the next edit
         try:
-            endpoints = load_endpoints_file(self._path, data)
+            endpoints = await asyncio.to_thread(load_endpoints_file, self._path, data)
         except EndpointFileError as exc:
             self._bad_digest = digest
             self._report(f"{exc}; keeping the previous endpoint set")

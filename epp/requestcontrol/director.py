@@ -30,7 +30,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from epp.config import EndpointPickerConfig, load_config, load_config_text, load_default_config
+from epp.config import (
+    ConfigError,
+    EndpointPickerConfig,
+    load_config,
+    load_config_text,
+    load_default_config,
+)
+from epp.datalayer.engines import EngineConfigError, build_engine_mappings
 from epp.datastore import Datastore, EndpointView
 from epp.errors import EppError, Internal, NoReadyEndpoint, Shed
 from epp.requestcontrol.api import Director, IncomingRequest, ResponseInfo, RoutingDecision
@@ -296,7 +303,7 @@ def build_director(
     ``services`` are shared objects for plugins (``BuildContext.services``), e.g. a
     KV-block index the data layer feeds. Raises :class:`epp.config.ConfigError`
     (message names the file and key) for any invalid configuration, including bad
-    plugin parameters.
+    plugin parameters and ``engineConfigs`` metric specs.
     """
     if config_path is not None and config_text is not None:
         raise ValueError("give config_path or config_text, not both")
@@ -306,9 +313,19 @@ def build_director(
         config = load_config_text(config_text)
     else:
         config = load_default_config()
+    check_engine_configs(config)
     return EppDirector(
         datastore, config, rng=rng, services=services, prepare_timeout_s=prepare_timeout_s
     )
+
+
+def check_engine_configs(config: EndpointPickerConfig) -> None:
+    """Validate ``engineConfigs`` (metric specs) now, so a mistake fails start-up with
+    a :class:`ConfigError` naming the file and key, like every other config error."""
+    try:
+        build_engine_mappings(config.engine_configs)
+    except EngineConfigError as e:
+        raise ConfigError(config.source, e.key, e.problem) from None
 
 
 def _conforms(d: EppDirector, r: Decision) -> tuple[Director, RoutingDecision]:

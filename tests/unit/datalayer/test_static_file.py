@@ -232,3 +232,40 @@ async def test_old_unchanged_stat_skips_read(tmp_path: Path) -> None:
     os.utime(p, ns=(1_000_000_000, 1_000_000_000))
     assert not await src.poll_once(ds)
     assert ds.endpoints() == []
+
+
+async def test_parsing_runs_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """YAML parsing of a (possibly large) file must not block the event loop."""
+    import threading
+
+    import epp.datalayer.static_file as sf
+
+    threads: list[int] = []
+    real = sf.load_endpoints_file
+
+    def spy(path: str, data: bytes) -> tuple[object, ...]:
+        threads.append(threading.get_ident())
+        return real(path, data)
+
+    monkeypatch.setattr(sf, "load_endpoints_file", spy)
+    p = tmp_path / "eps.yaml"
+    _write(p, "endpoints: [{address: 10.0.0.1, port: 8000}]", mtime_ns=1_000_000_000)
+    loaded = asyncio.Event()
+
+    async def park(_s: float) -> None:  # run() sleeps after its first load
+        loaded.set()
+        await asyncio.Event().wait()
+
+    src = StaticFileSource(str(p), sleep=park)
+    ds = Datastore()
+    task = asyncio.create_task(src.run(ds))
+    await loaded.wait()
+    _write(p, "endpoints: [{address: 10.0.0.2, port: 8000}, {address: 10.0.0.3, port: 8000}]")
+    assert await src.poll_once(ds)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    loop_thread = threading.get_ident()
+    assert len(threads) == 2 and loop_thread not in threads

@@ -23,6 +23,7 @@ from epp.requestcontrol import (
 )
 
 NOW = 50.0
+HEAD_TEXT = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
 
 
 def store(
@@ -233,6 +234,20 @@ def test_build_director_configs(tmp_path: Path) -> None:
             "plugins: [{type: load-aware-scorer, parameters: {threshold: -1}}]\n"
         )
         build_director(ds, config_path=str(bad))
+    # engineConfigs specs are checked at start-up too, naming the file and key.
+    bad3 = tmp_path / "c3.yaml"
+    bad3.write_text(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
+        "engineConfigs: [{name: vllm, queuedRequestsSpec: 'q{a=~b}'}]\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"c3.yaml: engineConfigs\[0\]\.queuedRequestsSpec: bad label matcher"
+    ):
+        build_director(ds, config_path=str(bad3))
+    with pytest.raises(
+        ConfigError, match=r"<config-text>: engineConfigs\[0\]\.kvSpec: unknown key"
+    ):
+        build_director(ds, config_text=HEAD_TEXT + "engineConfigs: [{name: x, kvSpec: k}]\n")
     with pytest.raises(ValueError, match="not both"):
         build_director(ds, config_path="a", config_text="b")
 
