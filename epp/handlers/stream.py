@@ -102,7 +102,7 @@ def immediate_response(err: EppError) -> pb.ProcessingResponse:
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=err.status),  # type: ignore[arg-type]
             headers=pb.HeaderMutation(
-                set_headers=[_hvo("content-type", "application/json")],
+                set_headers=[_hvo("content-type", "application/json")],  # type: ignore[list-item]
             ),
             body=error_body(err),
             details=err.code,
@@ -110,11 +110,14 @@ def immediate_response(err: EppError) -> pb.ProcessingResponse:
     )
 
 
-def _hvo(name: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
-        append_action=_OVERWRITE,
-    )
+# Responses are built from nested dicts: upb converts them in C, about 2.5x faster
+# than nesting message constructors, and this is the per-request hot path.
+_Json = dict[str, Any]
+
+
+def _hvo(name: str, value: str) -> _Json:
+    """A ``HeaderValueOption`` that overwrites (or adds) ``name``."""
+    return {"header": {"key": name, "raw_value": value.encode()}, "append_action": _OVERWRITE}
 
 
 def _struct_str(s: struct_pb2.Struct, key: str) -> str | None:
@@ -353,14 +356,11 @@ class StreamHandler:
             decision = self._director.route_bodyless(req)
             s.decision = decision
             endpoints = self._endpoints(decision)
-            await write(
-                pb.ProcessingResponse(
-                    request_headers=pb.HeadersResponse(
-                        response=self._routing_common(s, decision, endpoints, None)
-                    ),
-                    dynamic_metadata=_lb_metadata(endpoints),
-                )
+            resp = pb.ProcessingResponse(
+                request_headers={"response": self._routing_common(s, decision, endpoints, None)}
             )
+            _set_lb_metadata(resp, endpoints)
+            await write(resp)
             s.phase = _PH_RESPONSE
             return
         if req_mode == _FULL_DUPLEX:
@@ -370,12 +370,9 @@ class StreamHandler:
             # Envoy waits for this answer before it sends the buffered body.
             s.buffered = True
             s.phase = _PH_BODY
-            mutation = pb.HeaderMutation(remove_headers=remove)
             await write(
                 pb.ProcessingResponse(
-                    request_headers=pb.HeadersResponse(
-                        response=pb.CommonResponse(header_mutation=mutation)
-                    )
+                    request_headers={"response": {"header_mutation": {"remove_headers": remove}}}
                 )
             )
             return
@@ -396,7 +393,7 @@ class StreamHandler:
         decision: RoutingDecision,
         endpoints: str,
         body_len: int | None,
-    ) -> pb.CommonResponse:
+    ) -> _Json:
         set_headers = [_hvo(hdr.DESTINATION_ENDPOINT, endpoints)]
         own = {hdr.DESTINATION_ENDPOINT}
         for name, value in decision.set_headers.items():
@@ -406,11 +403,10 @@ class StreamHandler:
             set_headers.append(_hvo(hdr.REQUEST_ID, s.request_id))
         if body_len is not None:
             set_headers.append(_hvo("content-length", str(body_len)))
-        remove = [k for k in s.remove if k not in own]
-        return pb.CommonResponse(
-            header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove),
-            clear_route_cache=True,
-        )
+        mutation: _Json = {"set_headers": set_headers}
+        if s.remove:
+            mutation["remove_headers"] = [k for k in s.remove if k not in own]
+        return {"header_mutation": mutation, "clear_route_cache": True}
 
     async def _route(self, s: _Stream, write: Writer) -> None:
         body = b"".join(s.chunks) if len(s.chunks) != 1 else s.chunks[0]
@@ -422,25 +418,17 @@ class StreamHandler:
         s.decision = decision
         endpoints = self._endpoints(decision)
         out = decision.body if decision.body is not None else body
+        common = self._routing_common(s, decision, endpoints, len(out))
         if s.buffered:
-            common = self._routing_common(s, decision, endpoints, len(out))
             if decision.body is not None:
-                common.body_mutation.body = out
-            await write(
-                pb.ProcessingResponse(
-                    request_body=pb.BodyResponse(response=common),
-                    dynamic_metadata=_lb_metadata(endpoints),
-                )
-            )
+                common["body_mutation"] = {"body": out}
+            resp = pb.ProcessingResponse(request_body={"response": common})
+            _set_lb_metadata(resp, endpoints)
+            await write(resp)
         else:
-            await write(
-                pb.ProcessingResponse(
-                    request_headers=pb.HeadersResponse(
-                        response=self._routing_common(s, decision, endpoints, len(out))
-                    ),
-                    dynamic_metadata=_lb_metadata(endpoints),
-                )
-            )
+            resp = pb.ProcessingResponse(request_headers={"response": common})
+            _set_lb_metadata(resp, endpoints)
+            await write(resp)
             await _write_streamed(write, out, request=True)
         s.phase = _PH_RESPONSE
         metrics.REQUEST_PROCESSING.observe(self._clock() - t0)
@@ -471,7 +459,7 @@ class StreamHandler:
         info.status = int(status) if status.isdigit() else None
         info.headers = headers
         info.served_endpoint = served_endpoint(msg)
-        common = pb.CommonResponse()
+        common: _Json = {}
         decision = s.decision
         if decision is not None:
             try:
@@ -480,7 +468,7 @@ class StreamHandler:
                 log.exception("response_headers hook failed (request id %s)", s.request_id)
                 extra = {}
             if extra:
-                common.header_mutation.set_headers.extend(_hvo(k, v) for k, v in extra.items())
+                common["header_mutation"] = {"set_headers": [_hvo(k, v) for k, v in extra.items()]}
             if self._director.needs_response_body and not rh.end_of_stream:
                 sse = headers.get("content-type", "").startswith("text/event-stream")
                 s.scanner = UsageScanner(sse=sse)
@@ -488,7 +476,7 @@ class StreamHandler:
             # Nothing more will come: report before answering, so the hooks have run
             # by the time the client sees the response.
             self._finish(s)
-        await write(pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common)))
+        await write(pb.ProcessingResponse(response_headers={"response": common}))
 
     async def _on_response_body(self, s: _Stream, msg: pb.ProcessingRequest, write: Writer) -> None:
         rb = msg.response_body
@@ -529,12 +517,11 @@ class StreamHandler:
         duration.observe(self._clock() - s.started)
 
 
-def _lb_metadata(endpoints: str) -> struct_pb2.Struct:
-    md = struct_pb2.Struct()
-    md.fields[hdr.ENVOY_LB_NAMESPACE].struct_value.fields[
+def _set_lb_metadata(resp: pb.ProcessingResponse, endpoints: str) -> None:
+    """``dynamic_metadata = {"envoy.lb": {"x-gateway-destination-endpoint": endpoints}}``."""
+    resp.dynamic_metadata.fields[hdr.ENVOY_LB_NAMESPACE].struct_value.fields[
         hdr.DESTINATION_ENDPOINT
     ].string_value = endpoints
-    return md
 
 
 async def _write_streamed(write: Writer, body: bytes, *, request: bool, end: bool = True) -> None:
@@ -546,15 +533,13 @@ async def _write_streamed(write: Writer, body: bytes, *, request: bool, end: boo
         nxt = pos + CHUNK_LIMIT
         last = nxt >= n
         chunk = body[pos:nxt] if (pos or not last) else body
-        common = pb.CommonResponse(
-            body_mutation=pb.BodyMutation(
-                streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end and last)
-            )
-        )
+        common = {
+            "body_mutation": {"streamed_response": {"body": chunk, "end_of_stream": end and last}}
+        }
         resp = (
-            pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+            pb.ProcessingResponse(request_body={"response": common})
             if request
-            else pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+            else pb.ProcessingResponse(response_body={"response": common})
         )
         await write(resp)
         if last:
