@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.netutil import free_port
 
 
 def _spawn(port: int, extra: list[str]) -> subprocess.Popen[bytes]:
@@ -52,7 +47,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> tuple[int, bytes]:
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
 async def test_pdroute_bbr_process(tls: bool, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     extra: list[str] = []
     channel_creds = None
     if tls:

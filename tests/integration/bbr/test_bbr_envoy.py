@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -25,14 +24,9 @@ import yaml
 from aiohttp import web
 
 from epp.bbr import BbrServer, BodyRouter
+from tests.netutil import free_port
 
 pytestmark = pytest.mark.envoy
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cluster(name: str, port: int, *, h2: bool = False) -> dict[str, Any]:
@@ -181,7 +175,7 @@ async def _backend(name: str, hits: dict[str, int]) -> tuple[web.AppRunner, int]
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = _free_port()
+    port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, port
 
@@ -239,7 +233,7 @@ async def make_stack(
         server = BbrServer(BodyRouter(max_body_bytes=4 * 1024 * 1024), host="127.0.0.1", port=0)
         bbr_port = await server.start()
         cleanups.append(lambda: server.stop(0))
-        listen, admin = _free_port(), _free_port()
+        listen, admin = free_port(), free_port()
         cfg = tmp_path / f"envoy-{body_mode}.yaml"
         cfg.write_text(yaml.safe_dump(bootstrap(listen, admin, bbr_port, backends, body_mode)))
         log = tmp_path / f"envoy-{body_mode}.log"
