@@ -26,25 +26,37 @@ _TYPES = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, etype: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.etype = etype
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.status, self.message, self.param)
+        return error_body(self.status, self.message, self.param, self.etype)
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, param: str | None = None, etype: str | None = None
+) -> dict[str, Any]:
     return {
         "error": {
             "message": message,
-            "type": _TYPES.get(status, "InternalServerError"),
+            "type": etype or _TYPES.get(status, "InternalServerError"),
             "param": param,
             "code": status,
         }
     }
+
+
+def validation_error(field: str, kind: str, msg: str, value: Any) -> ApiError:
+    """A request-schema error, shaped like vLLM's (FastAPI/pydantic) ``Bad Request``."""
+    loc = f"body.{field}" if field else "body"
+    detail = f"{{'type': '{kind}', 'loc': '{loc}', 'msg': '{msg}', 'input': {str(value)[:100]!r}}}"
+    return ApiError(400, f"1 validation error:\n  {detail}", loc, "Bad Request")
 
 
 @dataclass
@@ -69,7 +81,7 @@ def _int_field(body: dict[str, Any], key: str, minimum: int) -> int | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ApiError(400, f"{key} must be an integer", key)
+        raise validation_error(key, "int_type", "Input should be a valid integer", v)
     if v < minimum:
         raise ApiError(400, f"{key} must be at least {minimum}, got {v}.", key)
     return v
@@ -80,12 +92,13 @@ def resolve_model(body: dict[str, Any], base: str, loras: set[str]) -> tuple[str
     if model is None:
         return base, None
     if not isinstance(model, str):
-        raise ApiError(400, "model must be a string", "model")
+        raise validation_error("model", "string_type", "Input should be a valid string", model)
     if model == base:
         return model, None
     if model in loras:
         return model, model
-    raise ApiError(404, f"The model `{model}` does not exist.", "model")
+    aliases = ", ".join([base, *sorted(loras)])
+    raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {aliases}.", "model")
 
 
 def _prompt_ids(body: dict[str, Any], tok: Tokenizer) -> list[int]:
@@ -104,21 +117,23 @@ def _prompt_ids(body: dict[str, Any], tok: Tokenizer) -> list[int]:
             raise ApiError(400, f"Token id out of vocabulary (size {tok.vocab_size})", "prompt")
         return list(prompt)
     if prompt is None:
-        raise ApiError(400, "prompt is required", "prompt")
-    raise ApiError(
-        400,
-        "prompt must be a string, a list of token ids, or a one-element list of either "
-        "(batched prompts are not supported by the simulator)",
-        "prompt",
-    )
+        raise validation_error("prompt", "missing", "Field required", None)
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise ApiError(400, "batched prompts are not supported by the simulator", "prompt")
+    raise validation_error("prompt", "string_type", "Input should be a valid string", prompt)
 
 
 def _chat_ids(body: dict[str, Any], tok: Tokenizer, key: str = "messages") -> list[int]:
     messages = body.get(key)
     if key == "input" and isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, f"{key} must be a non-empty list", key)
+    if not isinstance(messages, list):
+        raise validation_error(key, "list_type", "Input should be a valid list", messages)
+    if not messages:
+        raise ApiError(
+            400,
+            "Cannot apply chat template to an empty conversation. Provide at least one message.",
+        )
     try:
         text = render_chat(messages, body.get("add_generation_prompt", True) is not False)
     except ValueError as e:
@@ -136,7 +151,9 @@ def parse(
     max_model_len: int,
 ) -> Parsed:
     if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
+        raise validation_error(
+            "", "model_attributes_type", "Input should be a valid dictionary", body
+        )
     model, lora = resolve_model(body, base_model, loras)
     if kind == "completion":
         ids = _prompt_ids(body, tok)
@@ -155,11 +172,14 @@ def parse(
     if n != 1:
         raise ApiError(400, "n > 1 is not supported by the simulator", "n")
     plen = len(ids)
-    if plen >= max_model_len:
+    if plen > max_model_len:
+        seen = max_model_len + 1  # vLLM stops counting one past the limit
         raise ApiError(
             400,
             f"This model's maximum context length is {max_model_len} tokens. However, your "
-            f"request has {plen} input tokens. Please reduce the length of the input messages.",
+            f"prompt contains at least {seen} input tokens, which exceeds this limit even "
+            "without any output tokens. Please reduce the length of the input prompt. "
+            f"(parameter=input_tokens, value={seen})",
             "input_tokens",
         )
     seed = _int_field(body, "seed", 0)
@@ -169,6 +189,13 @@ def parse(
         max_tokens = max_model_len - plen
         if body.get("ignore_eos") is not True:
             stop_after = 8 + content_seed % 56  # a deterministic "EOS" position
+    elif max_tokens > max_model_len:
+        raise ApiError(
+            400,
+            f"max_tokens={max_tokens} cannot be greater than max_model_len={max_model_len}. "
+            f"Please request fewer output tokens. (parameter=max_tokens, value={max_tokens})",
+            "max_tokens",
+        )
     elif plen + max_tokens > max_model_len:
         raise ApiError(
             400,
@@ -180,12 +207,16 @@ def parse(
     so = body.get("stream_options")
     stream = body.get("stream") is True
     if so is not None and not isinstance(so, dict):
-        raise ApiError(400, "stream_options must be an object", "stream_options")
+        raise validation_error(
+            "stream_options", "model_type", "Input should be a valid dictionary", so
+        )
     include_usage = bool(so and so.get("include_usage"))
     continuous = bool(so and so.get("continuous_usage_stats"))
     ktp = body.get("kv_transfer_params")
     if ktp is not None and not isinstance(ktp, dict):
-        raise ApiError(400, "kv_transfer_params must be an object", "kv_transfer_params")
+        raise validation_error(
+            "kv_transfer_params", "dict_type", "Input should be a valid dictionary", ktp
+        )
     return Parsed(
         kind=kind,
         model=model,
@@ -203,12 +234,31 @@ def parse(
     )
 
 
-def make_usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+def make_usage(prompt: int, completion: int, cached: int, *, chat: bool) -> dict[str, Any]:
+    """Non-streaming ``usage`` as vLLM 0.32 returns it."""
     return {
         "prompt_tokens": prompt,
         "total_tokens": prompt + completion,
         "completion_tokens": completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        "prompt_tokens_details": {
+            "cached_tokens": cached,
+            "created_cache_tokens": 0 if chat else None,
+            "multimodal_tokens": None,
+        },
+        "completion_tokens_details": None,
+    }
+
+
+def stream_usage(prompt: int, completion: int, cached: int, *, chat: bool) -> dict[str, Any]:
+    """``usage`` of the final streaming chunk (vLLM omits the null fields there)."""
+    details: dict[str, Any] = {"cached_tokens": cached}
+    if chat:
+        details["created_cache_tokens"] = 0
+    return {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+        "prompt_tokens_details": details,
     }
 
 
@@ -220,12 +270,12 @@ def completion_body(
     finish: str | None,
     usage: dict[str, Any],
     kv_transfer_params: dict[str, Any] | None,
-    created: int | None = None,
+    fingerprint: str,
 ) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "text_completion",
-        "created": created or int(time.time()),
+        "created": int(time.time()),
         "model": model,
         "choices": [
             {
@@ -234,13 +284,18 @@ def completion_body(
                 "logprobs": None,
                 "finish_reason": finish,
                 "stop_reason": None,
+                "token_ids": None,
                 "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "routed_experts": None,
             }
         ],
         "service_tier": None,
-        "system_fingerprint": None,
+        "system_fingerprint": fingerprint,
         "usage": usage,
+        "metrics": None,
         "kv_transfer_params": kv_transfer_params,
+        "ec_transfer_params": None,
     }
 
 
@@ -252,12 +307,12 @@ def chat_body(
     finish: str | None,
     usage: dict[str, Any],
     kv_transfer_params: dict[str, Any] | None,
-    created: int | None = None,
+    fingerprint: str,
 ) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion",
-        "created": created or int(time.time()),
+        "created": int(time.time()),
         "model": model,
         "choices": [
             {
@@ -269,19 +324,24 @@ def chat_body(
                     "annotations": None,
                     "audio": None,
                     "function_call": None,
-                    "tool_calls": [],
-                    "reasoning_content": None,
+                    "reasoning": None,
                 },
                 "logprobs": None,
                 "finish_reason": finish,
                 "stop_reason": None,
+                "token_ids": None,
+                "routed_experts": None,
             }
         ],
         "service_tier": None,
-        "system_fingerprint": None,
+        "system_fingerprint": fingerprint,
         "usage": usage,
         "prompt_logprobs": None,
+        "prompt_token_ids": None,
+        "prompt_text": None,
+        "metrics": None,
         "kv_transfer_params": kv_transfer_params,
+        "ec_transfer_params": None,
     }
 
 
@@ -337,14 +397,14 @@ def completion_chunk(
                 "logprobs": None,
                 "finish_reason": finish,
                 "stop_reason": None,
+                "token_ids": None,
+                "prompt_token_ids": None,
             }
         ],
     }
 
 
-def chat_chunk(
-    rid: str, created: int, model: str, delta: dict[str, Any], finish: str | None
-) -> dict[str, Any]:
+def chat_role_chunk(rid: str, created: int, model: str) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion.chunk",
@@ -353,12 +413,32 @@ def chat_chunk(
         "choices": [
             {
                 "index": 0,
-                "delta": delta,
+                "delta": {"role": "assistant", "content": ""},
                 "logprobs": None,
-                "finish_reason": finish,
-                "stop_reason": None,
+                "finish_reason": None,
             }
         ],
+        "prompt_token_ids": None,
+        "prompt_text": None,
+    }
+
+
+def chat_chunk(rid: str, created: int, model: str, text: str, finish: str | None) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "delta": {"content": text},
+        "logprobs": None,
+        "finish_reason": finish,
+        "token_ids": None,
+    }
+    if finish is not None:
+        choice["stop_reason"] = None
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [choice],
     }
 
 

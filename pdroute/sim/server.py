@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -114,6 +115,11 @@ class SimServer:
         self._runner: web.AppRunner | None = None
         self._closing = False
         self._created = int(time.time())
+        #: vLLM reports "vllm-<version>-<config hash>"; ours hashes the served config.
+        digest = hashlib.sha256(
+            f"{config.model}/{config.block_size}/{config.max_model_len}".encode()
+        )
+        self.fingerprint = f"vllm-{VLLM_VERSION}-{digest.hexdigest()[:8]}"
 
     # ---- lifecycle ------------------------------------------------------------------
     @property
@@ -393,7 +399,13 @@ class SimServer:
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as e:
-            raise api.ApiError(400, f"JSON decode error: {e}") from None
+            raise api.ApiError(
+                400,
+                "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body', "
+                f"'msg': 'JSON decode error', 'ctx': {{'error': {str(e)!r}}}}}",
+                "body",
+                "Bad Request",
+            ) from None
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "completion")
@@ -458,7 +470,7 @@ class SimServer:
             extra_keys=(p.lora,) if p.lora else None,
         )
         return SimRequest(
-            request_id=f"{prefix}-{uuid.uuid4().hex}",
+            request_id=f"{prefix}-{uuid.uuid4().hex[:16]}",
             prompt_ids=p.prompt_ids,
             block_hashes=hashes,
             max_tokens=p.max_tokens,
@@ -471,11 +483,12 @@ class SimServer:
             seed=p.seed,
         )
 
-    def _usage(self, req: SimRequest) -> dict[str, Any]:
+    def _usage(self, req: SimRequest, chat: bool) -> dict[str, Any]:
         return api.make_usage(
             req.num_prompt_tokens,
             len(req.output_ids),
             req.num_cached_tokens + req.num_external_tokens,
+            chat=chat,
         )
 
     def _final_body(self, p: api.Parsed, req: SimRequest) -> dict[str, Any]:
@@ -487,8 +500,9 @@ class SimServer:
                 p.model,
                 text,
                 finish=req.finish_reason,
-                usage=self._usage(req),
+                usage=self._usage(req, p.kind == "chat"),
                 kv_transfer_params=ktp,
+                fingerprint=self.fingerprint,
             )
         if p.kind == "chat":
             return api.chat_body(
@@ -496,8 +510,9 @@ class SimServer:
                 p.model,
                 text,
                 finish=req.finish_reason,
-                usage=self._usage(req),
+                usage=self._usage(req, p.kind == "chat"),
                 kv_transfer_params=ktp,
+                fingerprint=self.fingerprint,
             )
         return api.responses_body(
             req.request_id,
@@ -540,43 +555,46 @@ class SimServer:
                     )
                     await resp.prepare(request)
                     if chat:
-                        first = api.chat_chunk(
-                            req.request_id,
-                            created,
-                            p.model,
-                            {"role": "assistant", "content": ""},
-                            None,
-                        )
+                        first = api.chat_role_chunk(req.request_id, created, p.model)
                         if p.continuous_usage:
-                            first["usage"] = api.make_usage(req.num_prompt_tokens, 0, 0)
+                            first["usage"] = api.stream_usage(
+                                req.num_prompt_tokens, 0, 0, chat=True
+                            )
                         await resp.write(_sse(first))
                 new = req.output_ids[sent:]
-                out = bytearray()
+                chunks: list[dict[str, Any]] = []
                 for i, tid in enumerate(new):
                     last = req.finished and i == len(new) - 1
                     finish = req.finish_reason if last else None
                     text = self.tok.token_str(tid)
                     chunk = (
-                        api.chat_chunk(req.request_id, created, p.model, {"content": text}, finish)
+                        api.chat_chunk(req.request_id, created, p.model, text, finish)
                         if chat
                         else api.completion_chunk(req.request_id, created, p.model, text, finish)
                     )
                     if last and req.lease_id is not None:
                         chunk["kv_transfer_params"] = self._prefill_params(req)
                     if p.continuous_usage:
-                        chunk["usage"] = api.make_usage(req.num_prompt_tokens, sent + i + 1, 0)
-                    out += _sse(chunk)
+                        chunk["usage"] = api.stream_usage(
+                            req.num_prompt_tokens, sent + i + 1, 0, chat=chat
+                        )
+                    chunks.append(chunk)
                 sent += len(new)
                 if req.finished:
                     if req.error is not None:
-                        out += _sse(api.error_body(500, req.error))
+                        chunks.append(api.error_body(500, req.error))
                     elif p.include_usage:
-                        out += _sse(
-                            api.usage_chunk(req.request_id, created, p.model, obj, self._usage(req))
-                        )
+                        cached = req.num_cached_tokens + req.num_external_tokens
+                        u = api.stream_usage(req.num_prompt_tokens, sent, cached, chat=chat)
+                        chunks.append(api.usage_chunk(req.request_id, created, p.model, obj, u))
+                    if chunks and "error" not in chunks[-1]:
+                        # vLLM puts the fingerprint on the last chunk before [DONE].
+                        chunks[-1]["system_fingerprint"] = self.fingerprint
+                out = b"".join(_sse(c) for c in chunks)
+                if req.finished:
                     out += b"data: [DONE]\n\n"
                 if out:
-                    await resp.write(bytes(out))
+                    await resp.write(out)
                 if req.finished:
                     await resp.write_eof()
                     return resp
@@ -634,7 +652,7 @@ class SimServer:
                 "max_model_len": self.cfg.max_model_len,
                 "permission": [
                     {
-                        "id": f"modelperm-{self.engine_id[:8]}",
+                        "id": f"modelperm-{self.engine_id.replace('-', '')[:16]}",
                         "object": "model_permission",
                         "created": self._created,
                         "allow_create_engine": False,
