@@ -16,7 +16,9 @@ and tokenizes through the replicas' ``/tokenize``.
 
 Reported per policy: engine prefix-cache hit rate (``vllm:prefix_cache_hits`` /
 ``queries`` summed over the fleet), TTFT p50/p90/mean, the EPP's routing time
-p50/p99, and the request share of the busiest replica. Latencies are simulated
+p50/p99 as the client sees it (this process also runs the clients, so it includes
+event-loop queueing) and, for precise, the producer's own prepare time (tokenize +
+block keys), and the request share of the busiest replica. Latencies are simulated
 (``llama-3.1-8b-h100`` profile: prefill 250 us/token), so compare policies, not
 absolute numbers. Nothing is asserted.
 """
@@ -27,12 +29,12 @@ import argparse
 import asyncio
 import os
 import random
-import socket
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import aiohttp
@@ -40,10 +42,14 @@ import msgspec
 
 import epp.scheduling.plugins  # noqa: F401  (registers every plugin type)
 from epp.datalayer.scraper import MetricsScraper
+from epp.datalayer.tokenizer import TokenizedPrompt
 from epp.datastore import Datastore, Endpoint
 from epp.requestcontrol.api import IncomingRequest, ResponseInfo
 from epp.requestcontrol.director import build_director
-from epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheProducer
+from epp.scheduling.plugins.precise_prefix_cache import (
+    EVENTS_ENDPOINT_LABEL,
+    PrecisePrefixCacheProducer,
+)
 
 MODEL = "bench-model"
 HEAD = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
@@ -56,7 +62,7 @@ POLICIES: dict[str, str | None] = {
   parameters:
     speculativeIndexing: true
     tokenProcessorConfig: {blockSize: 16}
-    kvEventsConfig: {zmqEndpoint: "tcp://127.0.0.1:0", discoverPods: false}
+    kvEventsConfig: {discoverPods: true}
 - type: prefix-cache-scorer
   parameters: {prefixMatchInfoProducerName: precise-prefix-cache-producer}
 - type: queue-scorer
@@ -68,6 +74,9 @@ schedulingProfiles:
   - {pluginRef: queue-scorer, weight: 2}
   - {pluginRef: kv-cache-utilization-scorer, weight: 2}
 """,
+    # Same, with the tokenizer in-process (like a local tokenizer.json): shows the
+    # routing cost without the /tokenize round trip.
+    "precise-local": "PRECISE",
     "approximate": HEAD
     + """plugins:
 - type: approx-prefix-cache-producer
@@ -142,26 +151,6 @@ async def _scrape_cache(addresses: list[str]) -> tuple[float, float]:
     return hits, queries
 
 
-def _free_port_range(n: int) -> int:
-    """A base port with ``n`` consecutive free ports (checked a moment ago)."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - n)
-        try:
-            socks = []
-            for i in range(n):
-                sk = socket.socket()
-                socks.append(sk)
-                sk.bind(("127.0.0.1", base + i))
-        except OSError:
-            continue
-        finally:
-            for sk in socks:
-                sk.close()
-        return base
-    raise RuntimeError("no free port range")
-
-
 async def _wait_healthy(addresses: list[str], limit_s: float = 60.0) -> None:
     async with aiohttp.ClientSession() as s, asyncio.timeout(limit_s):
         for a in addresses:
@@ -189,47 +178,76 @@ async def _join_event_streams(prod: PrecisePrefixCacheProducer, addresses: list[
                 await asyncio.sleep(0.05)
 
 
+class _SimTokenizer:
+    """The simulator's deterministic tokenizer as a request tokenizer (benchmark
+    only: the EPP itself never imports pdroute.sim)."""
+
+    def __init__(self) -> None:
+        from pdroute.sim.tokenizer import Tokenizer
+
+        self._tok = Tokenizer()
+
+    async def tokenize(
+        self, model: str, *, prompt: str | None = None, messages: Any = None
+    ) -> TokenizedPrompt:
+        ids = self._tok.encode(prompt or "")
+        return TokenizedPrompt(ids, len(ids))
+
+
 async def run_policy(
-    name: str, config: str | None, wl: Workload, replicas: int, blocks: int
+    name: str, config: str | None, wl: Workload, *, replicas: int, blocks: int, epps: int
 ) -> dict[str, Any]:
-    ds = Datastore()
-    director = build_director(ds, config_text=config, prepare_timeout_s=2.0) if config else None
-    producer: PrecisePrefixCacheProducer | None = None
-    events_kw: dict[str, Any] = {}
-    if director is not None:
-        for p in director.pipeline.plugins.values():
-            if isinstance(p, PrecisePrefixCacheProducer):
-                producer = p
-    if producer is not None:
-        producer.reconcile_interval_s = 0.05
-        producer.start()
-        while producer.bound_address is None:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-        port = producer.bound_address.rsplit(":", 1)[1]
-        # "{host}" keeps the sim from offsetting the port per replica.
-        events_kw = {"kv_events_endpoint": f"tcp://{{host}}:{port}"}
-    base = _free_port_range(replicas)
+    local_tokenizer = config == "PRECISE"
+    if local_tokenizer:
+        config = POLICIES["precise"]
+    # The sims bind their PUB sockets on loopback ports they pick; each EPP replica
+    # dials every replica (llm-d discoverPods), so all replicas see the same events.
     argv = [
         sys.executable, "-m", "pdroute.cli", "sim", "--replicas", str(replicas),
-        "--port", str(base), "--model", MODEL, "--profile", PROFILE, "--block-size", "16",
+        "--port", "0", "--model", MODEL, "--profile", PROFILE, "--block-size", "16",
         "--num-blocks", str(blocks), "--max-num-seqs", "64",
+        "--kv-events-endpoint", "tcp://127.0.0.1:*",
     ]  # fmt: skip
-    if events_kw:
-        argv += ["--kv-events-endpoint", events_kw["kv_events_endpoint"]]
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
-    addresses = [f"127.0.0.1:{base + i}" for i in range(replicas)]
+    assert proc.stdout is not None
+    info = msgspec.json.decode(await asyncio.wait_for(proc.stdout.readline(), 60))
+    addresses: list[str] = info["addresses"]
+    ds = Datastore()
+    ds.replace_endpoints(
+        [
+            Endpoint(
+                f"sim{i}",
+                a.rsplit(":", 1)[0],
+                int(a.rsplit(":", 1)[1]),
+                labels=MappingProxyType({EVENTS_ENDPOINT_LABEL: info["kv_event_endpoints"][i]}),
+            )
+            for i, a in enumerate(addresses)
+        ]
+    )
+    directors = []
+    producers: list[PrecisePrefixCacheProducer] = []
+    if config:
+        for _ in range(epps):
+            d = build_director(ds, config_text=config, prepare_timeout_s=2.0)
+            directors.append(d)
+            for p in d.pipeline.plugins.values():
+                if isinstance(p, PrecisePrefixCacheProducer):
+                    if local_tokenizer:
+                        p.tokenizer = _SimTokenizer()
+                    p.reconcile_interval_s = 0.05
+                    p.start()
+                    producers.append(p)
     scraper_task = None
     try:
         await _wait_healthy(addresses)
-        ds.replace_endpoints([Endpoint(f"sim{i}", "127.0.0.1", base + i) for i in range(replicas)])
         scraper = MetricsScraper(ds, interval_s=0.05)
         scraper_task = asyncio.get_running_loop().create_task(scraper.run())
         await asyncio.sleep(0.3)  # first scrape; event sockets connect
-        if producer is not None:
-            await _join_event_streams(producer, addresses)
+        for prod in producers:
+            await _join_event_streams(prod, addresses)
         samples: list[Sample] = []
         queue: asyncio.Queue[int] = asyncio.Queue()
         for s in range(wl.sessions):
@@ -250,10 +268,13 @@ async def run_policy(
                     raw = msgspec.json.encode(body)
                     t0 = time.perf_counter()
                     decision = None
-                    if director is None:
-                        ep = addresses[rr[0] % len(addresses)]
-                        rr[0] += 1
+                    n_req = rr[0]
+                    rr[0] += 1
+                    if not directors:
+                        ep = addresses[n_req % len(addresses)]
                     else:
+                        # An L4 balancer spreads requests over the EPP replicas.
+                        director = directors[n_req % len(directors)]
                         decision = await director.route(
                             IncomingRequest(
                                 headers={":path": "/v1/completions", ":method": "POST"},
@@ -289,8 +310,8 @@ async def run_policy(
     finally:
         if scraper_task is not None:
             scraper_task.cancel()
-        if producer is not None:
-            await producer.stop()
+        for prod in producers:
+            await prod.stop()
         proc.terminate()
         await proc.wait()
     ttfts = sorted(x.ttft_s for x in samples)
@@ -316,9 +337,13 @@ async def run_policy(
         "busiest_replica_share": max(share.values()) / n,
         "idlest_replica_share": min(share.values()) / n,
     }
-    if producer is not None:
-        out["kv_events_applied"] = producer.ingestor.counts["applied"]
-        out["kv_events_gaps"] = producer.ingestor.counts["gap"]
+    if producers:
+        prep = sorted(d for p in producers for d in p.prepare_durations)
+        if prep:
+            out["precise_prepare_p50_ms"] = pct(prep, 0.5) * 1e3
+            out["precise_prepare_p99_ms"] = pct(prep, 0.99) * 1e3
+        out["kv_events_applied"] = sum(p.ingestor.counts["applied"] for p in producers)
+        out["kv_events_gaps"] = sum(p.ingestor.counts["gap"] for p in producers)
     return out
 
 
@@ -333,12 +358,16 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     replicas = 4
     # About 1.5 sessions' worth of growing context per replica slot: the fleet as a
     # whole holds every session only if sessions stay on one replica.
-    blocks = 600 if args.quick else 1000
+    blocks = args.blocks or (600 if args.quick else 1000)
     results = []
     for name, cfg in POLICIES.items():
         if args.policies and name not in args.policies:
             continue
-        results.append(await run_policy(name, cfg, wl, replicas, blocks))
+        results.append(
+            await run_policy(
+                name, cfg, wl, replicas=replicas, blocks=blocks, epps=args.epp_replicas
+            )
+        )
     return {
         "workload": {
             "sessions": wl.sessions,
@@ -347,6 +376,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": wl.concurrency,
             "replicas": replicas,
             "num_blocks_per_replica": blocks,
+            "epp_replicas": args.epp_replicas,
             "block_size": 16,
             "latency_profile": PROFILE,
         },
@@ -359,6 +389,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--policies", nargs="*", choices=list(POLICIES))
+    ap.add_argument("--epp-replicas", type=int, default=1, help="active-active EPPs")
+    ap.add_argument("--blocks", type=int, default=0, help="KV blocks per replica (pressure)")
     args = ap.parse_args()
     doc = asyncio.run(amain(args))
     text = msgspec.json.format(msgspec.json.encode(doc), indent=2)
@@ -366,14 +398,16 @@ def main() -> int:
     if args.json_out:
         args.json_out.write_bytes(text)
     print(
-        f"\n{'policy':<12} {'hit rate':>8} {'TTFT p50':>9} {'TTFT p90':>9} {'mean':>8}"
-        f" {'route p50':>9} {'route p99':>9} {'max share':>9}"
+        f"\n{'policy':<14} {'hit rate':>8} {'TTFT p50':>9} {'TTFT p90':>9} {'mean':>8}"
+        f" {'route p50':>9} {'route p99':>9} {'prep p50':>8} {'max share':>9}"
     )
     for r in doc["results"]:
+        prep = r.get("precise_prepare_p50_ms")
         print(
-            f"{r['policy']:<12} {r['prefix_cache_hit_rate']:>8.1%} {r['ttft_p50_ms']:>7.1f}ms"
+            f"{r['policy']:<14} {r['prefix_cache_hit_rate']:>8.1%} {r['ttft_p50_ms']:>7.1f}ms"
             f" {r['ttft_p90_ms']:>7.1f}ms {r['ttft_mean_ms']:>6.1f}ms {r['route_p50_ms']:>7.2f}ms"
-            f" {r['route_p99_ms']:>7.2f}ms {r['busiest_replica_share']:>9.0%}"
+            f" {r['route_p99_ms']:>7.2f}ms {'' if prep is None else f'{prep:.2f}ms':>8}"
+            f" {r['busiest_replica_share']:>9.0%}"
         )
     return 0
 

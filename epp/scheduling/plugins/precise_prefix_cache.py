@@ -67,6 +67,7 @@ import contextlib
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
@@ -90,7 +91,7 @@ from epp.datalayer.tokenizer import (
 )
 from epp.datastore import Datastore, EndpointView
 from epp.index.kvblock import KVBlockIndex
-from epp.metrics import PREFIX_HIT_RATIO, PREFIX_INDEX_SIZE
+from epp.metrics import PLUGIN_DURATION, PREFIX_HIT_RATIO, PREFIX_INDEX_SIZE
 from epp.scheduling.registry import BuildContext, register
 from epp.scheduling.types import (
     CycleState,
@@ -182,6 +183,9 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         self._task: asyncio.Task[None] | None = None
         self.bound_address: str | None = None
         self._addr_to_key: dict[str, str | None] = {}
+        #: Recent prepare-data durations (tokenize + keys), seconds; bounded.
+        self.prepare_durations: deque[float] = deque(maxlen=4096)
+        self._prepare_metric = PLUGIN_DURATION.labels("PrepareData", self.type_name, name)
         self._rekeyer = FastKeyer(block_size or 16, hash_seed)
 
     # ------------------------------------------------------------------ config
@@ -464,6 +468,17 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         if self._task is None:
             with contextlib.suppress(RuntimeError):
                 self.start()
+        t0 = time.perf_counter()
+        try:
+            await self._prepare(cycle, request, endpoints)
+        finally:
+            dt = time.perf_counter() - t0
+            self._prepare_metric.observe(dt)
+            self.prepare_durations.append(dt)
+
+    async def _prepare(
+        self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]
+    ) -> None:
         tokens = request.token_ids
         if tokens is None:
             tokens = await self._tokenize(request, endpoints)
