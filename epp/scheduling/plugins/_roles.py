@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Self
+from typing import ClassVar
 
-from epp.config import Params
 from epp.datastore import EndpointView
-from epp.scheduling.registry import BuildContext
+from epp.scheduling.plugins._util import NoParams
 from epp.scheduling.types import CycleState, Filter, LLMRequest
 
 
-class RoleFilter(Filter):
+class RoleFilter(NoParams, Filter):
     """Keep endpoints whose ``llm-d.ai/role`` label is one of ``roles``."""
 
     roles: ClassVar[frozenset[str]]
     #: Whether endpoints without the role label pass.
     allow_unlabeled: ClassVar[bool] = False
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    @classmethod
-    def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
-        params.finish()
-        return cls(name)
 
     def filter(
         self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]

@@ -35,16 +35,8 @@ class ActiveRequestScorer(Scorer):
         idle = params.get_int("idleThreshold", 0, min_value=0)
         max_busy = params.get_float("maxBusyScore", 1.0, min_value=0.0, max_value=1.0)
         parse_duration(params, "requestTimeout", 300.0)  # accepted; the producer's applies
-        key = params.key_path("inflightLoadProducerName")
-        producer_name = params.get_str("inflightLoadProducerName", "") or None
+        producer = InflightLoadProducer.for_consumer(params, ctx)
         params.finish()
-        producer = ctx.producer(
-            InflightLoadProducer,
-            producer_name,
-            key=key,
-            default_type="inflight-load-producer",
-            param="inflightLoadProducerName",
-        )
         return cls(name, producer, idle=idle, max_busy=max_busy)
 
     def score(

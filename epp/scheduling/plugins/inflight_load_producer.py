@@ -77,6 +77,20 @@ class InflightLoadProducer(Producer, PreRequest, ResponseComplete):
             ctx.datastore.on_endpoint_removed(plugin.remove_endpoint)
         return plugin
 
+    @classmethod
+    def for_consumer(cls, params: Params, ctx: BuildContext) -> InflightLoadProducer:
+        """The producer a consumer scorer reads: its ``inflightLoadProducerName``
+        parameter, else the one configured, else an implicit one (shared)."""
+        key = params.key_path("inflightLoadProducerName")
+        name = params.get_str("inflightLoadProducerName", "") or None
+        return ctx.producer(
+            InflightLoadProducer,
+            name,
+            key=key,
+            default_type=cls.type_name,
+            param="inflightLoadProducerName",
+        )
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Self
 
-from epp.config import Params
 from epp.datastore import EndpointView
-from epp.scheduling.registry import BuildContext, register
+from epp.scheduling.plugins._util import NoParams
+from epp.scheduling.registry import register
 from epp.scheduling.types import CycleState, LLMRequest, Scorer
 
 
 @register
-class KVCacheUtilizationScorer(Scorer):
+class KVCacheUtilizationScorer(NoParams, Scorer):
     type_name = "kv-cache-utilization-scorer"
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    @classmethod
-    def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
-        params.finish()
-        return cls(name)
 
     def score(
         self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]

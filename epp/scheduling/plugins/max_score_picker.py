@@ -5,29 +5,15 @@ With ``maxNumOfEndpoints > 1`` the next best follow as fallbacks (best first).
 
 from __future__ import annotations
 
-import random
-from typing import Self
-
-from epp.config import Params
 from epp.datastore import EndpointView
-from epp.scheduling.registry import BuildContext, register
-from epp.scheduling.types import CycleState, LLMRequest, Picker, ProfileRunResult
+from epp.scheduling.plugins._util import CountPicker
+from epp.scheduling.registry import register
+from epp.scheduling.types import CycleState, LLMRequest, ProfileRunResult
 
 
 @register
-class MaxScorePicker(Picker):
+class MaxScorePicker(CountPicker):
     type_name = "max-score-picker"
-
-    def __init__(self, name: str, rng: random.Random, max_endpoints: int = 1) -> None:
-        self.name = name
-        self.rng = rng
-        self.max_endpoints = max_endpoints
-
-    @classmethod
-    def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
-        n = params.get_int("maxNumOfEndpoints", 1, min_value=1, max_value=64)
-        params.finish()
-        return cls(name, ctx.rng, n)
 
     def pick(
         self,

@@ -30,16 +30,8 @@ class TokenLoadScorer(Scorer):
     @classmethod
     def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
         threshold = params.get_int("queueThresholdTokens", 4_194_304, min_value=1)
-        key = params.key_path("inflightLoadProducerName")
-        producer_name = params.get_str("inflightLoadProducerName", "") or None
+        producer = InflightLoadProducer.for_consumer(params, ctx)
         params.finish()
-        producer = ctx.producer(
-            InflightLoadProducer,
-            producer_name,
-            key=key,
-            default_type="inflight-load-producer",
-            param="inflightLoadProducerName",
-        )
         return cls(name, producer, threshold=threshold)
 
     def score(

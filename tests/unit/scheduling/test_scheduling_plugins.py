@@ -312,3 +312,51 @@ def test_every_cataloged_scheduler_type_is_implemented() -> None:
         if cls is not None:
             assert cls.kind is plugin_kind(t), t
             assert cls.type_name == t
+
+
+@pytest.mark.parametrize(
+    "ptype",
+    [
+        "queue-scorer",
+        "running-requests-size-scorer",
+        "kv-cache-utilization-scorer",
+        "lora-affinity-scorer",
+        "decode-filter",
+        "prefill-filter",
+        "encode-filter",
+        "always-disagg-pd-decider",
+    ],
+)
+def test_parameterless_plugins_reject_parameters(ptype: str) -> None:
+    from epp.config import load_config_text
+
+    head = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n"
+    pipe = build_pipeline(load_config_text(head + f"- type: {ptype}\n"))
+    assert pipe.plugins[ptype].name == ptype
+    cfg = load_config_text(head + f"- type: {ptype}\n  parameters: {{bogus: 1}}\n", source="c.yaml")
+    with pytest.raises(
+        ConfigError, match=r"c.yaml: plugins\[0\].parameters.bogus: unknown parameter"
+    ):
+        build_pipeline(cfg)
+
+
+@pytest.mark.parametrize("ptype", ["max-score-picker", "random-picker", "weighted-random-picker"])
+def test_pickers_share_max_num_of_endpoints(ptype: str) -> None:
+    from epp.config import load_config_text
+
+    head = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n"
+    rng = random.Random(5)
+    pipe = build_pipeline(
+        load_config_text(head + f"- type: {ptype}\n  parameters: {{maxNumOfEndpoints: 3}}\n"),
+        rng=rng,
+    )
+    picker = pipe.plugins[ptype]
+    assert picker.max_endpoints == 3 and picker.rng is rng  # type: ignore[attr-defined]
+    views = [view(i) for i in range(5)]
+    r = picker.pick(CycleState(), REQ, views, [0.5, 0.4, 0.3, 0.2, 0.1])  # type: ignore[attr-defined]
+    assert len({t.key for t in r.targets}) == 3
+    cfg = load_config_text(
+        head + f"- type: {ptype}\n  parameters: {{maxNumOfEndpoints: 65}}\n", source="c.yaml"
+    )
+    with pytest.raises(ConfigError, match=r"c.yaml: plugins\[0\].parameters.maxNumOfEndpoints"):
+        build_pipeline(cfg)
