@@ -438,3 +438,29 @@ async def test_response_body_is_echoed_and_usage_reported(make_harness: Any) -> 
     assert got == [(p, i == 2) for i, p in enumerate(parts)]
     (info,) = h.director.decisions[0].finished
     assert (info.prompt_tokens, info.completion_tokens) == (7, 3)
+
+
+async def test_model_label_values_are_bounded(make_harness: Any) -> None:
+    from epp import metrics
+    from epp.handlers.stream import MAX_MODEL_LABELS
+
+    names = iter(f"rand-model-{i}" for i in range(MAX_MODEL_LABELS + 20))
+    h = await make_harness(
+        FakeDirector(behaviour=lambda r: FakeDecision(["10.0.0.1:8000"], model=next(names)))
+    )
+    for _ in range(MAX_MODEL_LABELS + 20):
+        call = h.open()
+        await call.write(headers_msg(REQUEST_HEADERS))
+        await call.write(body_msg(b"{}", eos=True))
+        await read_n(call, 2)
+        await call.write(response_headers_msg({":status": "200"}))
+        await read_n(call, 1)
+    labels = {
+        s.labels["model_name"]
+        for fam in metrics.REQUESTS.collect()
+        for s in fam.samples
+        if s.name.endswith("_total")
+    }
+    ours = {x for x in labels if x.startswith("rand-model-")}
+    assert len(ours) <= MAX_MODEL_LABELS
+    assert "other" in labels
