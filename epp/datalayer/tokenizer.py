@@ -359,7 +359,12 @@ class VllmTokenizeClient:
             ids = await self._post(_enc.encode(body))
             self._cache.put(key, ids)
             fut.set_result(ids)
-        except BaseException as e:
+        except asyncio.CancelledError:
+            # Waiters sharing this call get an error; cancellation itself propagates.
+            fut.set_exception(TokenizeError("/tokenize cancelled"))
+            fut.exception()  # mark retrieved
+            raise
+        except Exception as e:
             err = e if isinstance(e, TokenizeError) else TokenizeError(f"/tokenize failed: {e!r}")
             fut.set_exception(err)
             fut.exception()  # mark retrieved

@@ -68,7 +68,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Self
 
 import zmq.asyncio
@@ -183,6 +183,7 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         self._task: asyncio.Task[None] | None = None
         self.bound_address: str | None = None
         self._addr_to_key: dict[str, str | None] = {}
+        self._background: set[asyncio.Task[None]] = set()
         #: Recent prepare-data durations (tokenize + keys), seconds; bounded.
         self.prepare_durations: deque[float] = deque(maxlen=4096)
         self._prepare_metric = PLUGIN_DURATION.labels("PrepareData", self.type_name, name)
@@ -381,10 +382,15 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
                 )
             for key in sub.connected():
                 if key not in want:
-                    asyncio.get_running_loop().create_task(sub.disconnect_endpoint(key))
+                    self._spawn(sub.disconnect_endpoint(key))
             for key, (addr, replay) in want.items():
                 if key not in sub.connected():
                     sub.connect_endpoint(key, addr, replay_address=replay)
+        # Purge endpoints that left but were re-added by a late message.
+        current = {e.key for e in endpoints}
+        for key in self.index.endpoints():
+            if key not in current:
+                self.ingestor.forget(key)
         if self.capacity_from_metrics:
             for e in endpoints:
                 m = ds.metrics(e.key)
@@ -410,10 +416,17 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
 
     def _endpoint_removed(self, key: str) -> None:
         self.ingestor.forget(key)
+        self._addr_to_key = {a: k for a, k in self._addr_to_key.items() if k != key}
         sub = self._subscriber
         if sub is not None and key in sub.connected():
             with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().create_task(sub.disconnect_endpoint(key))
+                self._spawn(sub.disconnect_endpoint(key))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in the background, keeping a reference until it ends."""
+        t = asyncio.get_running_loop().create_task(coro)
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ request path
 

@@ -300,6 +300,19 @@ async def test_vllm_tokenize_client_caches_and_dedups() -> None:
                 await client.tokenize("m", prompt=mode)
         with pytest.raises(TokenizeError):
             await client.tokenize("m")
+        # Cancelling the caller (e.g. the director's prepare timeout) propagates as
+        # cancellation; a request sharing that call gets an error, not a hang.
+        fake.mode = "ok"
+        first = asyncio.ensure_future(client.tokenize("m", prompt="slow"))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(client.tokenize("m", prompt="slow"))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        with pytest.raises(TokenizeError, match="cancelled"):
+            await second
+        assert (await client.tokenize("m", prompt="slow")).count == 4
     finally:
         await client.close()
         await runner.cleanup()
