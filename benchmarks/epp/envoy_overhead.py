@@ -98,6 +98,23 @@ def parse_wrk(out: str) -> dict[str, Any]:
 def run_wrk(
     wrk: str, url: str, script: Path, concurrency: int, duration_s: float
 ) -> tuple[dict[str, Any], float]:
+    """Run the load (wrk, or the aiohttp fallback when ``wrk`` is ``""``)."""
+    if not wrk:
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("aiohttp_load.py")),
+                url,
+                str(script.with_name("body.json")),
+                str(concurrency),
+                f"{duration_s:g}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return orjson.loads(out), time.monotonic() - t0
     argv = [
         wrk,
         "-t1",
@@ -210,12 +227,21 @@ def main() -> int:
         action="store_true",
         help="Envoy does not send response headers to the EPP (fewer messages)",
     )
+    ap.add_argument(
+        "--load",
+        choices=("wrk", "aiohttp"),
+        default="wrk",
+        help="load generator (aiohttp: a Python client in its own process; costs more CPU)",
+    )
     ap.add_argument("--json", type=Path, help="also write the JSON result here")
     args = ap.parse_args()
 
-    wrk = shutil.which("wrk")
-    if not wrk:
-        print("wrk is not installed: run `apt-get install -y wrk`", file=sys.stderr)
+    wrk = "" if args.load == "aiohttp" else (shutil.which("wrk") or "")
+    if args.load == "wrk" and not wrk:
+        print(
+            "wrk is not installed: run `apt-get install -y wrk` (or pass --load aiohttp)",
+            file=sys.stderr,
+        )
         return 2
     envoy_bin = find_envoy()
     if not envoy_bin:
@@ -224,6 +250,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="pdroute-bench-"))
     script = tmp / "post.lua"
+    (tmp / "body.json").write_bytes(BODY)
     script.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = '{BODY.decode()}'\n"
@@ -249,7 +276,7 @@ def main() -> int:
             "refresh_metrics_interval": args.refresh_metrics_interval,
             "request_body_bytes": len(BODY),
             "envoy_concurrency": 1,
-            "load_generator": "wrk -t1",
+            "load_generator": "wrk -t1" if wrk else "aiohttp (benchmarks/epp/aiohttp_load.py)",
         },
     }
     try:
