@@ -33,7 +33,9 @@ Response phase: response headers get the decision's response headers and feed
 :class:`ResponseInfo` (status, served endpoint from ``envoy.lb`` metadata or the
 ``upstream.address`` attribute). Response bodies are only seen when the Envoy
 filter sends them (``response_body_mode``, see ``pdroute.stack.envoy``); they are
-echoed unchanged and scanned for token usage when the director needs it.
+echoed unchanged and scanned for token usage when the director needs it. When
+Envoy skips response headers too (``response_header_mode: SKIP``, fewer messages),
+the response end is the stream's end: ``finish`` runs when Envoy closes the stream.
 
 Errors: every :class:`epp.errors.EppError` becomes an ``ImmediateResponse`` with
 its status and a JSON body ``{"error": {"message", "type", "code"}}``; anything
