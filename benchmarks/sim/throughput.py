@@ -46,7 +46,7 @@ def start_sim(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], list[s
         "--max-num-seqs",
         str(args.max_num_seqs),
         "--model",
-        "bench",
+        args.model,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
     assert proc.stdout is not None
@@ -60,7 +60,7 @@ def start_sim(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], list[s
 
 async def load(args: argparse.Namespace, targets: list[str]) -> dict[str, Any]:
     body = {
-        "model": "bench",
+        "model": args.model,
         "prompt": "benchmark prompt words " * max(1, args.prompt_words // 3),
         "max_tokens": args.max_tokens,
         "stream": args.stream,
@@ -118,11 +118,12 @@ async def load(args: argparse.Namespace, targets: list[str]) -> dict[str, Any]:
 async def main_async(
     args: argparse.Namespace, proc: subprocess.Popen[bytes] | None, targets: list[str]
 ) -> dict[str, Any]:
-    cpu0 = _proc_cpu(proc.pid) if proc else None
+    pid = proc.pid if proc else args.sim_pid
+    cpu0 = _proc_cpu(pid) if pid else None
     try:
         res = await load(args, targets)
     finally:
-        cpu1 = _proc_cpu(proc.pid) if proc else None
+        cpu1 = _proc_cpu(pid) if pid else None
         if proc is not None:
             proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -131,6 +132,8 @@ async def main_async(
                 proc.kill()
     if cpu0 is not None and cpu1 is not None:
         res["sim_cpu_cores"] = round((cpu1 - cpu0) / res["elapsed_s"], 2)
+        if res["requests"]:
+            res["sim_cpu_ms_per_request"] = round((cpu1 - cpu0) * 1000 / res["requests"], 3)
     res["config"] = {
         "replicas": args.replicas if proc else len(targets),
         "concurrency": args.concurrency,
@@ -165,6 +168,8 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--stream", action="store_true")
     ap.add_argument("--targets", default="", help="comma list host:port; skips spawning the sim")
+    ap.add_argument("--model", default="bench", help="model name sent (and served when spawned)")
+    ap.add_argument("--sim-pid", type=int, default=0, help="with --targets: sim process to meter")
     ap.add_argument("--json", default="", help="also write the JSON result to this file")
     args = ap.parse_args()
     proc: subprocess.Popen[bytes] | None = None
@@ -187,6 +192,7 @@ def main() -> int:
         ("p50 ms", res["latency_ms"]["p50"]),
         ("p99 ms", res["latency_ms"]["p99"]),
         ("sim CPU cores", res.get("sim_cpu_cores", "-")),
+        ("sim CPU ms/req", res.get("sim_cpu_ms_per_request", "-")),
         ("errors", res["errors"] or "none"),
     ]
     print("\n".join(f"{k:>14}  {v}" for k, v in rows))

@@ -154,7 +154,9 @@ class SimServer:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         want = self.cfg.port + self.rank if self.cfg.port and port is None else (port or 0)
-        self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.build_app(), access_log=None, handle_signals=False, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, want, backlog=1024, reuse_address=True)
         await site.start()

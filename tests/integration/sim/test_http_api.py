@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -329,3 +330,30 @@ async def test_sha256_cbor_and_seed_change_published_hashes() -> None:
     expected = chain_block_hashes(ids, 16, sha256_cbor, seed="42")
     assert ev.block_hashes == [to_event_hash(h) for h in expected]
     assert ev.block_hashes != [to_event_hash(h) for h in chain_block_hashes(ids, 16)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_client_disconnect_aborts_the_request(stream: bool) -> None:
+    import asyncio
+
+    cfg = SimConfig(model=MODEL, profile=get_profile("fast"), max_model_len=100_000)
+    async with SimFleet(cfg) as f:
+        srv = f.servers[0]
+        body = {"prompt": "long", "max_tokens": 50_000, "stream": stream}
+        async with aiohttp.ClientSession() as s:
+            task = asyncio.ensure_future(s.post(url(f, "/v1/completions"), json=body))
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if srv.engine.running:
+                    break
+            assert srv.engine.running
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for _ in range(200):
+            if not srv.engine.running:
+                break
+            await asyncio.sleep(0.01)
+        assert not srv.engine.running
+        assert srv.stats.success["abort"] == 1
+        assert srv.pool.usage() == 0.0
