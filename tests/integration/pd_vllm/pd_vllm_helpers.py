@@ -70,8 +70,15 @@ def metric(text: str, name: str, **labels: str) -> float:
 class SidecarProc:
     """``pdroute sidecar`` as a real process (what a decode pod runs)."""
 
-    def __init__(self, decode_port: int, endpoints_file: Path, log_dir: Path, *extra: str) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        decode_port: int,
+        endpoints_file: Path,
+        log_dir: Path,
+        *extra: str,
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
         self.metrics_port = free_port()
         self.log_path = log_dir / f"sidecar-{self.port}.log"
         argv = [

@@ -11,7 +11,8 @@ import pytest
 from conftest import PdPair
 from pd_vllm_helpers import SidecarProc, free_port, http, metric, post_json
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+# vLLM start-up (session fixture) counts against the first test: allow a busy machine.
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 #: Several 128-token blocks of prompt (CPU block size), so NIXL moves real blocks.
 LONG_A = "Disaggregated serving splits prefill and decode across pods. " * 45
