@@ -108,3 +108,30 @@ def test_hit_ratio_is_recorded() -> None:
         REGISTRY.get_sample_value("llm_d_epp_prefix_indexer_hit_ratio_sum", {"index": "t-hit"})
         == 0.5
     )
+
+
+def test_match_equals_naive_count_on_random_indexes() -> None:
+    """``match`` counts runs of equal owner sets at once; it must equal counting every
+    (block, owner) pair up to the first block nobody holds."""
+    import random
+
+    def naive(idx: ApproxPrefixIndex, hashes: list[int]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for h in hashes:
+            owners = [e for e in idx.endpoints() if h in idx._lru[e]]
+            if not owners:
+                break
+            for e in owners:
+                counts[e] = counts.get(e, 0) + 1
+        return counts
+
+    for seed in range(300):
+        rng = random.Random(seed)
+        idx = ApproxPrefixIndex(capacity_per_endpoint=rng.randint(1, 40))
+        chain = list(range(1, 61))
+        for _ in range(rng.randint(0, 25)):
+            a = rng.randint(0, 59)
+            idx.add(f"e{rng.randint(0, 5)}", chain[a : rng.randint(a, 60)])
+        query = chain[: rng.randint(0, 60)]
+        assert idx.match(query) == naive(idx, query), seed
+        idx.check_invariant()
