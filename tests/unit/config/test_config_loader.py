@@ -55,9 +55,13 @@ def refs(profile: object) -> list[tuple[str, float]]:
     return [(r.plugin_ref, r.weight) for r in profile.plugins]  # type: ignore[attr-defined]
 
 
-def test_default_config_is_the_gie_chart_default() -> None:
-    cfg = load_default_config()
+def test_default_config_is_the_gie_chart_default(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="epp.config.loader"):
+        cfg = load_default_config()
     assert cfg.source == str(DEFAULT_CONFIG_PATH)
+    # The built-in default uses the current apiVersion (no deprecation line at start-up).
+    assert cfg.api_version == "llm-d.ai/v1alpha1"
+    assert "deprecated" not in caplog.text
     (prof,) = cfg.scheduling_profiles
     assert prof.name == "default"
     assert refs(prof) == [
