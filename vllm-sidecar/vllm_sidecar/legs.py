@@ -31,10 +31,12 @@ from pdroute.protocol.kv_transfer import PREFILL_REQUEST_PARAMS
 COMPLETIONS: Final = "completions"
 CHAT: Final = "chat"
 RESPONSES: Final = "responses"
+MESSAGES: Final = "messages"  # Anthropic Messages API (vLLM serves it, with kv_transfer_params)
 PD_PATHS: Final[dict[str, str]] = {
     "/v1/completions": COMPLETIONS,
     "/v1/chat/completions": CHAT,
     "/v1/responses": RESPONSES,
+    "/v1/messages": MESSAGES,
 }
 
 #: Token-limit fields forced to 1 on the prefill leg, per API. ``max_tokens`` is set
@@ -44,6 +46,7 @@ _ALWAYS_ONE: Final[dict[str, tuple[str, ...]]] = {
     COMPLETIONS: ("max_tokens",),
     CHAT: ("max_tokens", "max_completion_tokens"),
     RESPONSES: ("max_output_tokens",),
+    MESSAGES: ("max_tokens",),
 }
 _ONE_IF_PRESENT: Final[tuple[str, ...]] = (
     "max_tokens",

@@ -9,6 +9,8 @@ import pytest
 from vllm_sidecar.legs import (
     CHAT,
     COMPLETIONS,
+    MESSAGES,
+    PD_PATHS,
     RESPONSES,
     BadPrefillAnswer,
     SseRewriter,
@@ -82,6 +84,19 @@ def test_prefill_body_responses() -> None:
     assert body["max_output_tokens"] == 1
     assert "max_tokens" not in body
     assert body["kv_transfer_params"] == PREFILL_REQUEST_PARAMS
+
+
+def test_prefill_body_anthropic_messages() -> None:
+    req = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 64,
+        "stream": True,
+    }
+    body = prefill_body(MESSAGES, req)
+    assert body["max_tokens"] == 1 and body["stream"] is False
+    assert body["kv_transfer_params"] == PREFILL_REQUEST_PARAMS
+    assert PD_PATHS["/v1/messages"] == MESSAGES
 
 
 def test_decode_body_verbatim() -> None:
