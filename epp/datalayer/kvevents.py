@@ -69,6 +69,8 @@ class _Stored(msgspec.Struct, tag="BlockStored", tag_field="type"):
     token_ids: msgspec.Raw = msgspec.Raw(b"")
     block_size: int = 0
     medium: str | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
 
 
 class _StoredLean(msgspec.Struct, tag="BlockStored", tag_field="type"):
@@ -77,11 +79,14 @@ class _StoredLean(msgspec.Struct, tag="BlockStored", tag_field="type"):
     block_hashes: list[_Hash]
     parent_block_hash: _Hash | None = None
     medium: str | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
 
 
 class _Removed(msgspec.Struct, tag="BlockRemoved", tag_field="type"):
     block_hashes: list[_Hash]
     medium: str | None = None
+    group_idx: int | None = None
 
 
 class _Cleared(msgspec.Struct, tag="AllBlocksCleared", tag_field="type"):
@@ -169,6 +174,11 @@ def decode_batch(payload: bytes, *, tokens: bool = True) -> list[Any]:
     raise err
 
 
+#: KV-cache group kinds whose blocks are a reusable prefix (vLLM 0.32 publishes
+#: ``kv_cache_spec_kind``; sliding-window / mamba groups of hybrid models are not).
+PREFIX_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
+
+
 def _int_hashes(hashes: list[_Hash]) -> list[int]:
     return [h if isinstance(h, int) else to_event_hash(h) for h in hashes]
 
@@ -191,6 +201,7 @@ _OUTCOMES = (
     "restart",
     "orphan",
     "dropped",
+    "filtered",
 )
 
 
@@ -228,6 +239,8 @@ class KVEventIngestor:
         self.max_message_bytes = max_message_bytes
         self.max_pending = max_pending
         self._streams: dict[str, _Stream] = {}
+        #: Per endpoint: KV-cache groups whose events are not prefix blocks.
+        self._skip_groups: dict[str, set[int]] = {}
         self.counts: dict[str, int] = dict.fromkeys(_OUTCOMES, 0)
         self._metric = {o: KV_EVENTS.labels(o) for o in _OUTCOMES}
         self._unflushed = 0
@@ -243,6 +256,7 @@ class KVEventIngestor:
     def forget(self, endpoint: str) -> None:
         """The endpoint left: drop its stream state and purge it from the index."""
         self._streams.pop(endpoint, None)
+        self._skip_groups.pop(endpoint, None)
         self.index.remove_endpoint(endpoint)
 
     def on_message(
@@ -338,9 +352,17 @@ class KVEventIngestor:
             return 0
         runs: list[list[int]] = []
         orphans = 0
+        skipped = 0
         for ev in events:
             t = type(ev)
             if t is _StoredLean or t is _Stored or t is _StoredL:
+                if t is not _StoredL:
+                    kind = ev.kv_cache_spec_kind
+                    if kind is not None and kind not in PREFIX_KINDS:
+                        if ev.group_idx is not None:
+                            self._skip_groups.setdefault(endpoint, set()).add(ev.group_idx)
+                        skipped += 1
+                        continue
                 hashes = ev.block_hashes
                 if hashes and type(hashes[0]) is not int:
                     hashes = _int_hashes(hashes)
@@ -362,6 +384,11 @@ class KVEventIngestor:
                 index.store_runs(s, runs)
                 runs = []
             if t is _Removed or t is _RemovedL:
+                if t is _Removed and ev.group_idx is not None:
+                    skip = self._skip_groups.get(endpoint)
+                    if skip and ev.group_idx in skip:
+                        skipped += 1
+                        continue
                 hashes = ev.block_hashes
                 if hashes and type(hashes[0]) is not int:
                     hashes = _int_hashes(hashes)
@@ -370,7 +397,9 @@ class KVEventIngestor:
                 index.clear(endpoint)
         if runs:
             index.store_runs(s, runs)
-        n = len(events) - orphans
+        n = len(events) - orphans - skipped
+        if skipped:
+            self.count("filtered", skipped)
         self.counts["applied"] += n
         self._unflushed += n
         if self._unflushed >= 65536:

@@ -188,3 +188,29 @@ def test_fuzzed_payloads_never_raise() -> None:
         ing.on_message("e", i, bytes(b[:cut]))
     assert ing.counts["malformed"] > 1000
     index.check_invariant()
+
+
+def test_non_prefix_cache_groups_are_filtered() -> None:
+    """Hybrid models: a sliding-window group's stores do not count, and its removals
+    must not drop blocks the full-attention group still holds."""
+    index, ing = make()
+    full = msgspec.msgpack.encode(
+        [1.0, [{"type": "BlockStored", "block_hashes": [1, 2], "parent_block_hash": None,
+                "token_ids": [0] * 32, "block_size": 16, "group_idx": 0,
+                "kv_cache_spec_kind": "full_attention"},
+               {"type": "BlockStored", "block_hashes": [1, 2], "parent_block_hash": None,
+                "token_ids": [0] * 32, "block_size": 16, "group_idx": 1,
+                "kv_cache_spec_kind": "sliding_window"},
+               {"type": "BlockStored", "block_hashes": [9], "parent_block_hash": None,
+                "token_ids": [0] * 16, "block_size": 16, "group_idx": 1,
+                "kv_cache_spec_kind": "sliding_window"}], 0]
+    )  # fmt: skip
+    ing.on_message("e", 0, full)
+    assert index.match([1, 2]) == {"e": 2} and index.holders(9) == set()
+    removed = msgspec.msgpack.encode(
+        [1.0, [{"type": "BlockRemoved", "block_hashes": [1], "group_idx": 1},
+               {"type": "BlockRemoved", "block_hashes": [2], "group_idx": 0}], 0]
+    )  # fmt: skip
+    ing.on_message("e", 1, removed)
+    assert index.match([1, 2]) == {"e": 1}
+    assert ing.counts["filtered"] == 3 and ing.counts["applied"] == 2
