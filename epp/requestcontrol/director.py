@@ -105,9 +105,7 @@ class Decision:
             for hook in self._director.pipeline.response_headers:
                 try:
                     out.update(
-                        hook.response_headers(
-                            self.cycle, self.request, self.result, info.served_endpoint
-                        )
+                        hook.response_headers(self.cycle, self.request, self.result, _served(info))
                     )
                 except Exception:
                     log.exception("response-headers hook %s failed", getattr(hook, "name", hook))
@@ -121,12 +119,20 @@ class Decision:
         self._director.release(self.endpoints[0] if self.endpoints else None)
         if self.result is None or self.request is None or self.cycle is None:
             return
-        served = info.served_endpoint.split(",", 1)[0].strip() if info.served_endpoint else None
+        served = _served(info)
         for hook in self._director.pipeline.response_complete:
             try:
                 hook.response_complete(self.cycle, self.request, self.result, served, info.status)
             except Exception:
                 log.exception("response-complete hook %s failed", getattr(hook, "name", hook))
+
+
+def _served(info: ResponseInfo) -> str | None:
+    """The endpoint that served the response (the first, should the proxy list several)."""
+    raw = info.served_endpoint
+    if not raw:
+        return None
+    return raw.split(",", 1)[0].strip() or None
 
 
 class EppDirector:

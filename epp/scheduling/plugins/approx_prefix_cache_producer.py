@@ -4,15 +4,19 @@ Before scheduling it hashes the prompt (see :mod:`epp.index.approx_prefix`) and
 matches it against the index; after scheduling it *assumes* the chosen endpoints
 (the primary and, with P/D, the prefill endpoint) now cache the prompt's blocks.
 When the proxy reports a different served endpoint (a fallback), that endpoint
-learns the blocks too. Endpoints leaving the pool are purged from the index.
+learns the blocks too. Endpoints leaving the pool are purged from the index, and
+only current pool members learn: an endpoint removed while its request was being
+scheduled, or a served address outside the pool, would otherwise hold up to
+``lruCapacityPerServer`` blocks that no removal event ever purges.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Self
 
 from epp.config import Params
-from epp.datastore import EndpointView
+from epp.datastore import Datastore, EndpointView
 from epp.index.approx_prefix import DEFAULT_LRU_CAPACITY, ApproxPrefixIndex, prefix_hashes
 from epp.scheduling.registry import BuildContext, register
 from epp.scheduling.types import (
@@ -39,8 +43,11 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
         max_blocks: int = 256,
         lru_capacity: int = DEFAULT_LRU_CAPACITY,
         block_chars: int | None = None,
+        datastore: Datastore | None = None,
     ) -> None:
         self.name = name
+        #: Pool membership for learning; None (unit tests) learns any endpoint.
+        self.datastore = datastore
         self.block_chars = block_chars or block_size_tokens * CHARS_PER_TOKEN
         # A legacy block given in characters counts as its estimated tokens.
         self.block_tokens = (
@@ -70,6 +77,7 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
             max_blocks=max_blocks,
             lru_capacity=capacity,
             block_chars=legacy_chars or None,
+            datastore=ctx.datastore,
         )
         if ctx.datastore is not None:
             ctx.datastore.on_endpoint_removed(plugin.index.remove_endpoint)
@@ -109,7 +117,7 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
         primary = result.primary.targets[0].key
         if info.total_blocks:
             self.index.record_hit_ratio(info.matches.get(primary, 0) / info.total_blocks)
-        self.index.add(primary, info.hashes)
+        self._learn(primary, info.hashes)
         for name, r in result.profile_results.items():
             if (
                 name != result.primary_profile
@@ -117,7 +125,7 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
                 and r.targets
                 and r.targets[0].key != primary
             ):
-                self.index.add(r.targets[0].key, info.hashes)
+                self._learn(r.targets[0].key, info.hashes)
 
     def response_complete(
         self,
@@ -131,4 +139,9 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
             return
         info = self.match_info(cycle)
         if info is not None and info.hashes and (status is None or status < 400):
-            self.index.add(served, info.hashes)
+            self._learn(served, info.hashes)
+
+    def _learn(self, endpoint: str, hashes: Sequence[int]) -> None:
+        """``endpoint`` now (probably) caches ``hashes``, if it is a pool member."""
+        if self.datastore is None or self.datastore.get(endpoint) is not None:
+            self.index.add(endpoint, hashes)

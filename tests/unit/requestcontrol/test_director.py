@@ -195,6 +195,10 @@ async def test_session_token_round_trip() -> None:
         )
     again = await d.route(req(chat(), x_session_token=token))
     assert again.endpoints[0] == first.endpoints[0]
+    # The token names the endpoint that served, the first when the proxy lists several.
+    other = next(e.key for e in ds.endpoints() if e.key != again.endpoints[0])
+    info = ResponseInfo(status=200, served_endpoint=f" {other} , {again.endpoints[0]}")
+    assert base64.b64decode(again.response_headers(info)["x-session-token"]).decode() == other
 
 
 async def test_bodyless_routes_to_a_random_ready_endpoint() -> None:

@@ -387,3 +387,21 @@ def test_served_endpoint_learning_and_stale_metrics_do_not_crash() -> None:
     index = pipe.plugins["approx-prefix-cache-producer"].index  # type: ignore[attr-defined]
     assert sorted(index.endpoints()) == sorted([primary, served])
     assert isinstance(CycleState().rejections, dict)
+
+
+def test_only_pool_members_learn_prefixes() -> None:
+    """A served address outside the pool, or an endpoint removed while its request was
+    being scheduled, must not enter the index (no removal event would purge it)."""
+    ds = make_store([None, None])
+    pipe = build_pipeline(load_default_config(), datastore=ds, rng=random.Random(0))
+    index = pipe.plugins["approx-prefix-cache-producer"].index  # type: ignore[attr-defined]
+    req = LLMRequest("r", "m", prompt="p" * 640)
+    result, cycle = pipe.scheduler.schedule(req, list(ds.snapshot().endpoints))
+    primary = result.primary.targets[0].key
+    for hook in pipe.response_complete:
+        hook.response_complete(cycle, req, result, "192.0.2.1:8000", 200)
+    assert index.endpoints() == []
+    ds.replace_endpoints([e for e in ds.endpoints() if e.key != primary])  # removed meanwhile
+    for hook in pipe.pre_request:
+        hook.pre_request(cycle, req, result, {})
+    assert index.endpoints() == [] and len(index) == 0
