@@ -265,6 +265,9 @@ async def serve(args: argparse.Namespace, parts: dict[str, Any]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    start_plugins = getattr(director, "start", None)
+    if callable(start_plugins):
+        start_plugins()  # plugins' background work, e.g. KV-event subscriptions
     tasks = [
         asyncio.create_task(source.run(datastore), name="endpoint-source"),
         asyncio.create_task(parts["scraper"].run(), name="metrics-scraper"),
@@ -281,6 +284,10 @@ async def serve(args: argparse.Namespace, parts: dict[str, Any]) -> int:
         log.info("shutting down (drain %.1fs)", args.drain_timeout)
     finally:
         await server.stop()
+        close_plugins = getattr(director, "aclose", None)
+        if close_plugins is not None:
+            with contextlib.suppress(Exception):
+                await close_plugins()
         for t in [*tasks, stopper]:
             t.cancel()
         for t in [*tasks, stopper]:

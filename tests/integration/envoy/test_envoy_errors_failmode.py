@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import until_served  # type: ignore[import-not-found]
+from envoy_stack import until_served  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.envoy
 

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import Backend, free_port, start_backend, until_served  # type: ignore[import-not-found]
+from envoy_stack import Backend, free_port, start_backend, until_served  # type: ignore[import-not-found]
 
 from pdroute.stack.envoy import EnvoyOptions, EnvoyProcess
 

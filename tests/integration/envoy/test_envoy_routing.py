@@ -86,7 +86,7 @@ async def test_epp_over_tls(make_stack: Any) -> None:
 async def test_response_bodies_through_the_epp_when_the_director_needs_them(
     make_stack: Any,
 ) -> None:
-    from conftest import PickDirector  # type: ignore[import-not-found]
+    from envoy_stack import PickDirector  # type: ignore[import-not-found]
 
     director = PickDirector(default=[], needs_response_body=True)
     st = await make_stack(2, director=director, response_body=True)
