@@ -14,14 +14,18 @@ Invariants:
   from a prefill server), ``loaded`` (deque: KV arrived, waiting for a slot),
   ``running`` (list), or finished;
 - ``len(running) <= max_num_seqs``; ``len(waiting) <= max_waiting``;
-- a running/loading request holds references to ``ceil((prompt + max_tokens) /
-  block_size)`` blocks (KV is reserved for the whole sequence at admission, so the
-  simulator never preempts);
+- a running request holds references to at least ``ceil(len / block_size)`` blocks,
+  ``len`` = prompt + generated tokens + the token computed in the current step
+  (blocks are allocated step by step as in vLLM; when none is free the most recently
+  admitted running request is *preempted*: its blocks are freed and it goes back to
+  the head of the waiting queue, to be recomputed later);
+- a loading request holds the blocks of its prompt plus one token;
 - a finished request with ``do_remote_decode`` keeps its blocks referenced as a
   *lease* until the decode server pulled them or the lease expired.
 
-Simplifications vs vLLM (documented, deliberate): no chunked prefill, no
-preemption, only prompt blocks are prefix-cached (generated blocks are not).
+Simplifications vs vLLM (documented, deliberate): no chunked prefill; only prompt
+blocks are prefix-cached (generated blocks are not); a request must fit the whole
+cache on its own (checked at admission, so progress is guaranteed).
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class SimRequest:
     finish_reason: str | None = None
     error: str | None = None
     lease_id: str | None = None
+    num_preemptions: int = 0
     t_arrival: float = 0.0
     t_scheduled: float = 0.0
     t_first_token: float = 0.0
@@ -147,8 +152,42 @@ class Engine:
 
     # ---- admission ------------------------------------------------------------------
     def blocks_needed(self, req: SimRequest) -> int:
+        """Blocks for the request's whole sequence (prompt + max_tokens)."""
         bs = self.pool.block_size
         return -(-(req.num_prompt_tokens + req.max_tokens) // bs)
+
+    def _blocks_for_step(self, req: SimRequest) -> int:
+        """Blocks the next step needs: every token so far plus the one computed now."""
+        bs = self.pool.block_size
+        return -(-(req.num_prompt_tokens + len(req.output_ids) + 1) // bs)
+
+    def _preempt(self, req: SimRequest) -> None:
+        """Free a running request's KV; it restarts (recompute) from the waiting head."""
+        self.running.remove(req)
+        self.pool.free(req.block_ids)
+        req.block_ids = []
+        req.state = ReqState.WAITING
+        req.num_preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _grow_running(self) -> None:
+        """Give each running request the blocks this step writes, preempting if needed."""
+        pool = self.pool
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            need = self._blocks_for_step(req) - len(req.block_ids)
+            while need > 0:
+                got = pool.allocate([], need)
+                if got is not None:
+                    req.block_ids.extend(got)
+                    break
+                victim = self.running[-1]
+                self._preempt(victim)  # vLLM preempts the last-scheduled request
+                if victim is req:
+                    break
+            i += 1
 
     def add(self, req: SimRequest, now: float) -> None:
         """Queue a request. Raises :class:`QueueFull` or ``ValueError`` (can never fit)."""
@@ -201,6 +240,7 @@ class Engine:
         stats = self.stats
         bs = self.pool.block_size
         admitted: list[SimRequest] = []
+        self._grow_running()
         while self.loaded and len(self.running) < self.max_num_seqs:
             req = self.loaded.popleft()
             req.state = ReqState.RUNNING
@@ -221,17 +261,19 @@ class Engine:
             # vLLM never counts the last prompt token as a hit (it must be computed).
             hittable = (req.num_prompt_tokens - 1) // bs
             hits = self.pool.lookup(req.block_hashes[:hittable])
-            ids = self.pool.allocate(hits, self.blocks_needed(req) - len(hits))
+            ids = self.pool.allocate(hits, self._blocks_for_step(req) - len(hits))
             if ids is None:
                 break  # FCFS: the head waits for blocks, like vLLM
             self.waiting.popleft()
             req.block_ids = ids
+            resumed = bool(req.output_ids)
             req.num_cached_tokens = len(hits) * bs
-            req.t_scheduled = now
-            stats.prefix_cache_queries += req.num_prompt_tokens
-            stats.prefix_cache_hits += req.num_cached_tokens
-            stats.cached_by_source["device"] += req.num_cached_tokens
-            if req.remote_source is not None:
+            if not resumed:
+                req.t_scheduled = now
+                stats.prefix_cache_queries += req.num_prompt_tokens
+                stats.prefix_cache_hits += req.num_cached_tokens
+                stats.cached_by_source["device"] += req.num_cached_tokens
+            if req.remote_source is not None and not resumed:
                 req.state = ReqState.LOADING
                 self.loading.add(req)
                 stats.external_prefix_cache_queries += req.num_prompt_tokens
@@ -249,11 +291,16 @@ class Engine:
             return None
         self._prefilling = admitted
         self._step_start = now
-        prefill = [
-            r.num_prompt_tokens - r.num_cached_tokens - r.num_external_tokens for r in admitted
-        ]
+        prefill = [self._prefill_tokens(r) for r in admitted]
         decoding = len(self.running) - len(admitted)
         return self.latency.step(decoding, prefill) if decoding or prefill else 0.0
+
+    @staticmethod
+    def _prefill_tokens(r: SimRequest) -> int:
+        """Tokens a newly admitted request computes (a preempted one recomputes all)."""
+        if r.output_ids:
+            return r.num_prompt_tokens + len(r.output_ids) - r.num_cached_tokens
+        return r.num_prompt_tokens - r.num_cached_tokens - r.num_external_tokens
 
     def complete_step(self, now: float) -> None:
         """Emit one token per running request (the first for newly prefilled ones)."""
@@ -265,7 +312,18 @@ class Engine:
         step_tokens = 0
         for req in self.running:
             pos = len(req.output_ids)
-            if req in prefilling:
+            if req in prefilling and req.output_ids:  # resumed after preemption
+                step_tokens += self._prefill_tokens(req)
+                pool.commit(
+                    req.block_ids[: len(req.block_hashes)],
+                    req.block_hashes,
+                    req.prompt_ids,
+                    None,
+                    lora_id=req.lora_id,
+                    lora_name=req.lora_name,
+                    extra_keys=(req.lora_name,) if req.lora_name else None,
+                )
+            elif req in prefilling:
                 computed = req.num_prompt_tokens - req.num_cached_tokens - req.num_external_tokens
                 step_tokens += computed
                 stats.prompt_tokens += req.num_prompt_tokens
@@ -343,7 +401,7 @@ class Engine:
             stats.h_e2e.observe(now - req.t_arrival)
             stats.h_inference.observe(now - req.t_scheduled)
             stats.h_decode.observe(now - req.t_first_token)
-            stats.h_preemptions.observe(0)
+            stats.h_preemptions.observe(req.num_preemptions)
             if len(req.output_ids) > 1:
                 stats.h_tpot.observe((now - req.t_first_token) / (len(req.output_ids) - 1))
         if free and req.block_ids:

@@ -101,6 +101,7 @@ class EngineStats:
     generation_tokens: float = 0.0
     success: dict[str, float] = field(default_factory=lambda: dict.fromkeys(FINISH_REASONS, 0.0))
     admission_rejections: float = 0.0
+    preemptions: float = 0.0
     h_prompt_tokens: Histogram = field(default_factory=lambda: Histogram(_TOKENS))
     h_generation_tokens: Histogram = field(default_factory=lambda: Histogram(_TOKENS))
     h_iteration_tokens: Histogram = field(default_factory=lambda: Histogram(_ITER))
@@ -372,7 +373,10 @@ class ServerMetrics:
         for name, help_ in _MM_COUNTERS:
             self._counter(out, name, help_, [(lb, 0.0)])
         self._counter(
-            out, "num_preemptions", "Cumulative number of preemption from the engine.", [(lb, 0.0)]
+            out,
+            "num_preemptions",
+            "Cumulative number of preemption from the engine.",
+            [(lb, s.preemptions)],
         )
         self._counter(
             out, "prompt_tokens", "Number of prefill tokens processed.", [(lb, s.prompt_tokens)]

@@ -214,3 +214,44 @@ def test_stop_after_finishes_with_stop() -> None:
     run(e)
     assert r.finish_reason == "stop" and len(r.output_ids) == 4
     assert e.stats.success["stop"] == 1
+
+
+def test_kv_blocks_are_allocated_step_by_step() -> None:
+    e = make_engine(num_blocks=100)
+    r = make_req(list(range(6)), max_tokens=20)
+    e.add(r, 0.0)
+    e.schedule(0.0)
+    assert len(r.block_ids) == 2  # 6 prompt tokens + the first output token
+    t = 0.0
+    usages = []
+    while not r.finished:
+        t += 0.01
+        e.complete_step(t)
+        usages.append(e.pool.usage())
+        if e.schedule(t) is None:
+            break
+    assert usages == sorted(usages[:-1]) + [0.0]  # grows, then all freed
+    assert max(usages) == pytest.approx(7 / 100)  # ceil((6 + 20) / 4) blocks at most
+
+
+def test_preemption_recomputes_and_finishes_identically() -> None:
+    # 6 blocks of 4 tokens; two requests that each grow to 5 blocks cannot both fit.
+    e = make_engine(num_blocks=6, max_num_seqs=2)
+    a = make_req([1, 2, 3], max_tokens=17)
+    b = make_req([7, 8, 9], max_tokens=17)
+    e.add(a, 0.0)
+    e.add(b, 0.0)
+    run(e)
+    assert a.finished and b.finished
+    assert len(a.output_ids) == len(b.output_ids) == 17
+    assert e.stats.preemptions >= 1
+    assert b.num_preemptions >= 1 and a.num_preemptions == 0  # the later request yields
+    assert e.pool.usage() == 0.0
+    # Same tokens as an undisturbed run of the same prompt.
+    solo = make_engine(num_blocks=64)
+    c = make_req([7, 8, 9], max_tokens=17)
+    c.seed = b.seed
+    solo.add(c, 0.0)
+    run(solo)
+    assert c.output_ids == b.output_ids
+    assert e.stats.h_preemptions.sum >= 1
