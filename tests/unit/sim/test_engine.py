@@ -230,7 +230,7 @@ def test_kv_blocks_are_allocated_step_by_step() -> None:
         usages.append(e.pool.usage())
         if e.schedule(t) is None:
             break
-    assert usages == sorted(usages[:-1]) + [0.0]  # grows, then all freed
+    assert usages == [*sorted(usages[:-1]), 0.0]  # grows, then all freed
     assert max(usages) == pytest.approx(7 / 100)  # ceil((6 + 20) / 4) blocks at most
 
 
