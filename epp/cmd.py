@@ -257,6 +257,7 @@ async def serve(args: argparse.Namespace, parts: dict[str, Any]) -> int:
             credentials=creds,
             max_receive_bytes=args.max_request_body_bytes + (1 << 20),
             grace_s=args.drain_timeout,
+            drain_notice_s=min(1.0, args.drain_timeout / 2),
         ),
         gauges=PoolGauges(datastore),
     )

@@ -9,8 +9,9 @@
 * Prometheus on ``metrics_port`` (9090).
 
 Ports may be 0 (tests): the bound ports are in :attr:`EppServer.ports` after
-:meth:`start`. :meth:`stop` enters graceful shutdown: health turns NOT_SERVING,
-new streams are refused and in-flight streams get ``grace_s`` to finish.
+:meth:`start`. :meth:`stop` enters graceful shutdown: health turns NOT_SERVING (for
+``drain_notice_s`` streams are still accepted, so Envoy's health check can move
+away first), then new streams are refused and in-flight ones get ``grace_s``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class ServerOptions:
     readiness_interval_s: float = 0.5
     gauge_interval_s: float = 1.0
     grace_s: float = 10.0
+    #: On stop, how long health reports NOT_SERVING while streams are still accepted,
+    #: so health-checking proxies move away before new streams would be refused.
+    drain_notice_s: float = 0.0
 
 
 @dataclass
@@ -153,6 +157,8 @@ class EppServer:
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.options.grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
+        if self.options.drain_notice_s > 0 and grace > 0:
+            await asyncio.sleep(min(self.options.drain_notice_s, grace))
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
