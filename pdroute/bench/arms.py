@@ -42,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -55,7 +56,7 @@ from pdroute.bench.workloads import FleetSpec
 from pdroute.stack.cmd import Plan, Stack, make_plan
 from pdroute.stack.cmd import add_arguments as stack_arguments
 from pdroute.stack.envoy import EnvoyOptions, envoy_argv, find_envoy, render_bootstrap
-from pdroute.stack.procs import Child, StackError, port_is_free
+from pdroute.stack.procs import Child, StackError, port_is_free, tail
 
 ARMS = (
     "pdroute",
@@ -301,13 +302,22 @@ def precise_config(fleet: FleetSpec) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-async def probe_completion(base_url: str, model: str, timeout_s: float = 60.0) -> None:
-    """Wait until ``base_url`` answers a one-token completion with 200."""
+async def probe_completion(
+    base_url: str, model: str, timeout_s: float = 60.0, children: Sequence[Child] = ()
+) -> None:
+    """Wait until ``base_url`` answers a one-token completion with 200 (fails early
+    when one of ``children`` exits)."""
     deadline = time.monotonic() + timeout_s
     last = ""
     body = orjson.dumps({"model": model, "prompt": "ready", "max_tokens": 1})
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
+            for c in children:
+                if not c.alive():
+                    raise ArmFailed(
+                        f"{c.name} exited with code {c.proc.returncode if c.proc else None}; "
+                        f"last lines of {c.log_path}:\n{tail(c.log_path, 8)}"
+                    )
             try:
                 async with http.post(
                     base_url + "/completions",
@@ -385,7 +395,7 @@ class Arm:
             else:
                 await stack.start_sims_only()
                 base_url, pids = self._start_router(stack, args.port)
-            await probe_completion(base_url, self.model)
+            await probe_completion(base_url, self.model, children=stack.sup.children)
         except StackError as e:
             raise ArmFailed(str(e)) from None
         decode_ports = plan.decode_server_ports
@@ -410,7 +420,8 @@ class Arm:
             child = stack.sup.start("envoy", envoy_argv(envoy, str(cfg)))
             return f"http://127.0.0.1:{port}/v1", {"envoy": child.pid}
         exe = ensure_peer(self.name)
-        argv = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls]
+        sub = ["launch"] if self.name == "sglang-router" else []
+        argv = [str(exe), *sub, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls]
         argv += ["--policy", PEER_POLICY[self.name], "--prometheus-port", str(_free_port())]
         argv += ["--prometheus-host", "127.0.0.1", "--log-level", "warn"]
         if self.name.startswith("vllm-router"):

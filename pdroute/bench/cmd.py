@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--duration", type=float, help="seconds of arrivals per arm")
     r.add_argument("--rate", type=float, help="offered requests/s")
     r.add_argument("--groups", type=int, help="shared-prefix groups")
+    r.add_argument("--group-skew", type=float, help="Zipf exponent of group popularity")
     r.add_argument("--system-tokens", type=int, help="shared prefix length (tokens)")
     r.add_argument("--output-tokens", type=int, help="output tokens per request")
     r.add_argument("--ramp-rates", help="comma list of req/s for the ramp")
@@ -81,6 +82,7 @@ def specs_from_args(a: argparse.Namespace) -> list[WorkloadSpec]:
             ("duration", "duration_s"),
             ("rate", "rate"),
             ("groups", "groups"),
+            ("group_skew", "group_skew"),
             ("system_tokens", "system_tokens"),
             ("output_tokens", "output_tokens"),
         ):

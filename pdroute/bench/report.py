@@ -20,7 +20,9 @@ OURS = ("pdroute", "pdroute-precise", "pdroute-pd")
 CACHE_AWARE_PEERS = ("vllm-router", "sglang-router")
 
 WORKLOAD_TITLES = {
-    "shared-prefix": "Shared-prefix groups (headline: working set > one endpoint's KV)",
+    "shared-prefix": "Shared-prefix groups, skewed popularity (headline: working set > one "
+    "endpoint's KV)",
+    "shared-prefix-uniform": "Shared-prefix groups, uniform popularity, short outputs",
     "multi-turn": "Multi-turn chat sessions",
     "pd": "Long prompt, short output (P/D)",
     "short": "Short prompts and outputs",
@@ -248,6 +250,8 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str] | None 
                 f"{int(fleet.get('decode', 0)) - int(fleet.get('prefill', 0))} decode)"
             )
         lines.append(f"- fleet: {fleet_txt}")
+        if spec.get("group_skew"):
+            lines.append(f"- group popularity: Zipf, exponent {spec['group_skew']}")
         lines.append(
             f"- load: {shape.get('requests')} requests over {spec.get('duration_s')} s, "
             f"offered {shape.get('offered_rate')} req/s, prompt ~{shape.get('prompt_tokens_p50')} "

@@ -25,7 +25,12 @@ Workloads:
     ``groups`` system prompts of ``system_tokens`` each; every request is one group's
     system prompt plus a unique question. The headline case sizes the working set
     (``groups * system_tokens`` tokens) above one endpoint's KV capacity, so only a
-    router that keeps each group on few endpoints gets cache hits.
+    router that keeps each group on few endpoints gets cache hits. Group popularity
+    is Zipf-skewed (``group_skew`` 1.0: a few system prompts dominate, as in real
+    traffic) and outputs are long enough that a hot group's endpoint runs out of KV
+    for running requests: affinity alone then queues, load awareness does not.
+``shared-prefix-uniform``
+    The same with uniform popularity and short outputs: pure affinity's best case.
 ``multi-turn``
     Chat sessions whose prompt is the whole history so far (system prompt, earlier
     user turns and synthetic assistant replies); turn ``k`` of a session arrives
@@ -47,7 +52,7 @@ import random
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-WORKLOADS = ("shared-prefix", "multi-turn", "pd", "short", "ramp")
+WORKLOADS = ("shared-prefix", "shared-prefix-uniform", "multi-turn", "pd", "short", "ramp")
 
 # A fixed vocabulary: common English words, so peers' character trees see text of
 # realistic shape. Order matters (seeded draws index into it).
@@ -120,6 +125,9 @@ class WorkloadSpec:
     rate: float = 12.0
     duration_s: float = 40.0
     groups: int = 16
+    #: Zipf exponent of group popularity (0 = uniform; 1 = the hottest group gets
+    #: ~30% of 16 groups' traffic, like a few dominant system prompts).
+    group_skew: float = 0.0
     system_tokens: int = 1536
     question_tokens: int = 64
     output_tokens: int = 64
@@ -142,6 +150,8 @@ class WorkloadSpec:
         for key in ("rate", "duration_s"):
             if getattr(self, key) <= 0:
                 raise WorkloadError(f"{key}: must be > 0")
+        if self.group_skew < 0:
+            raise WorkloadError("group_skew: must be >= 0")
         for key in ("groups", "system_tokens", "question_tokens", "output_tokens"):
             if getattr(self, key) < 1:
                 raise WorkloadError(f"{key}: must be >= 1")
@@ -163,7 +173,9 @@ def default_spec(name: str, *, seed: int = 0, quick: bool = False) -> WorkloadSp
     dur = 30.0 if quick else 90.0
     base = WorkloadSpec(name=name, seed=seed, duration_s=dur)
     if name == "shared-prefix":
-        return base
+        return replace(base, rate=10.0, group_skew=1.0, output_tokens=192)
+    if name == "shared-prefix-uniform":
+        return replace(base, rate=14.0)
     if name == "multi-turn":
         return replace(
             base,
@@ -186,7 +198,13 @@ def default_spec(name: str, *, seed: int = 0, quick: bool = False) -> WorkloadSp
     if name == "short":
         return replace(base, rate=30.0, system_tokens=48, question_tokens=16, output_tokens=32)
     if name == "ramp":
-        return replace(base, duration_s=50.0 if quick else 150.0)
+        return replace(
+            base,
+            group_skew=1.0,
+            output_tokens=192,
+            ramp_rates=(3.0, 6.0, 9.0, 12.0),
+            duration_s=48.0 if quick else 160.0,
+        )
     raise WorkloadError(f"workload: unknown {name!r}; known: {', '.join(WORKLOADS)}")
 
 
@@ -233,9 +251,10 @@ def _shared_prefix(
     systems = _systems(spec)
     arrivals = poisson_arrivals(_rng(spec, f"arrivals-{phase}"), rate, *span)
     pick = _rng(spec, f"pick-{phase}")
+    weights = [1.0 / (g + 1) ** spec.group_skew for g in range(spec.groups)]
     out: list[BenchRequest] = []
     for i, at in enumerate(arrivals):
-        g = pick.randrange(spec.groups)
+        g = pick.choices(range(spec.groups), weights)[0]
         q = words(pick, spec.question_tokens)
         out.append(
             BenchRequest(
@@ -300,7 +319,7 @@ def _unique(spec: WorkloadSpec) -> list[BenchRequest]:
 def generate(spec: WorkloadSpec) -> list[BenchRequest]:
     """The planned requests of ``spec``, sorted by arrival (deterministic)."""
     spec.validate()
-    if spec.name == "shared-prefix":
+    if spec.name in ("shared-prefix", "shared-prefix-uniform"):
         return _shared_prefix(spec, spec.rate, (0.0, spec.duration_s), 0, 0)
     if spec.name == "multi-turn":
         return _multi_turn(spec)
@@ -316,7 +335,7 @@ def generate(spec: WorkloadSpec) -> list[BenchRequest]:
 
 def working_set_tokens(spec: WorkloadSpec) -> int:
     """Distinct shared-prefix tokens the fleet would need to cache everything."""
-    if spec.name in ("shared-prefix", "ramp"):
+    if spec.name in ("shared-prefix", "shared-prefix-uniform", "ramp"):
         return spec.groups * spec.system_tokens
     return 0
 
