@@ -170,3 +170,27 @@ def test_pool_gauges_follow_the_datastore() -> None:
     now[0] = 200.0
     g.refresh()
     assert _value(metrics.POOL_READY_ENDPOINTS, "prefill") == 0
+
+
+async def test_stop_reports_not_serving_before_refusing_streams() -> None:
+    server = EppServer(
+        StreamHandler(FakeDirector()),
+        ready=lambda: True,
+        options=ServerOptions(
+            host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=-1,
+            drain_notice_s=0.5,
+        ),
+    )  # fmt: skip
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.ports.grpc}") as ch:
+        assert await check(ch, "readiness") == SERVING
+        stopping = asyncio.ensure_future(server.stop(5))
+        await asyncio.sleep(0.1)
+        # Draining: health says go away, but a stream that still arrives is served.
+        assert await check(ch, "readiness") == NOT_SERVING
+        call = pb_grpc.ExternalProcessorStub(ch).Process()
+        await call.write(headers_msg(REQUEST_HEADERS))
+        await call.write(body_msg(b'{"model": "m"}', eos=True))
+        assert len(await read_n(call, 2)) == 2
+        await call.done_writing()
+        await stopping
