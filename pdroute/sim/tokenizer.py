@@ -206,9 +206,12 @@ class Tokenizer:
         return tid
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = [BOS_ID] if add_special_tokens else []
+        get = self._cache.get
         piece_id = self._piece_id
-        ids.extend(piece_id(p) for p in _PIECE_RE.findall(text))
+        # ids are never 0, so ``or`` only falls through on a cache miss
+        ids = [get(p) or piece_id(p) for p in _PIECE_RE.findall(text)]
+        if add_special_tokens:
+            ids.insert(0, BOS_ID)
         return ids
 
     def token_str(self, tid: int) -> str:
