@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 VLLM_VERSION = "0.32.0"
 _JSON = "application/json"
+_DONE = b"data: [DONE]\n\n"
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -455,6 +456,11 @@ class SimServer:
             return _json(self._final_body(p, req))
         except api.ApiError as e:
             return _json(e.body(), e.status)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:  # a bug must answer like vLLM does, not with a traceback page
+            log.exception("request failed")
+            return _json(api.error_body(500, "Internal server error"), 500)
 
     def _make_request(self, p: api.Parsed, kind: str) -> SimRequest:
         ktp = p.kv_transfer_params
@@ -594,7 +600,7 @@ class SimServer:
                         chunks[-1]["system_fingerprint"] = self.fingerprint
                 out = b"".join(_sse(c) for c in chunks)
                 if req.finished:
-                    out += b"data: [DONE]\n\n"
+                    out += _DONE
                 if out:
                     await resp.write(out)
                 if req.finished:
@@ -606,6 +612,16 @@ class SimServer:
             if not req.finished:
                 self.engine.abort(req, loop.time())
             raise
+        except Exception:
+            if not req.finished:
+                self.engine.abort(req, loop.time())
+            if resp is None:
+                raise  # _generate answers with a JSON 500
+            log.exception("stream failed")
+            with contextlib.suppress(Exception):
+                await resp.write(_sse(api.error_body(500, "Internal server error")) + _DONE)
+                await resp.write_eof()
+            return resp
 
     async def _tokenize(self, request: web.Request) -> web.Response:
         try:

@@ -357,3 +357,25 @@ async def test_client_disconnect_aborts_the_request(stream: bool) -> None:
         assert not srv.engine.running
         assert srv.stats.success["abort"] == 1
         assert srv.pool.usage() == 0.0
+
+
+async def test_internal_bug_answers_500_json_and_server_survives(
+    fleet: SimFleet, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = fleet.servers[0]
+
+    def boom(*_a: object, **_k: object) -> str:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(srv.tok, "token_str", boom)
+    async with http.post(url(fleet, "/v1/completions"), json={"prompt": "x", "max_tokens": 2}) as r:
+        assert r.status == 500
+        assert (await r.json())["error"]["type"] == "InternalServerError"
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "stream": True}
+    async with http.post(url(fleet, "/v1/chat/completions"), json=body) as r:
+        assert r.status == 200  # headers were out before the failure
+        text = await r.text()
+    assert '"InternalServerError"' in text and text.endswith("data: [DONE]\n\n")
+    monkeypatch.undo()
+    async with http.post(url(fleet, "/v1/completions"), json={"prompt": "x", "max_tokens": 2}) as r:
+        assert r.status == 200
