@@ -69,3 +69,24 @@ def test_report_command_missing_results(tmp_path: Path, capsys: pytest.CaptureFi
     rc = cmd.run(argparse.Namespace(bench_cmd="report", results=tmp_path, docs=tmp_path / "x.md"))
     assert rc == 2
     assert "results.json" in capsys.readouterr().err
+
+
+def test_headline_states_targets_met_or_not(results: dict[str, Any]) -> None:
+    from pdroute.bench.report import headline
+
+    lines = headline(results)
+    assert "= **20.0x** better (target >= 5x: met)" in lines[0]
+    assert "output tokens/s vs round robin: **2.00x** (target >= 1.5x: met)" in lines[1]
+    assert (
+        "vs vllm-router (cache_aware): 100 ms vs 400 ms = **4.00x** (target: better: met)"
+        in (lines[2])
+    )
+    assert lines[3].startswith("- vs sglang-router (cache_aware): no result (installing")
+    assert lines[4] == "- errors/rejections: none in any arm (no arm wins by rejecting)"
+    # A slower pdroute is reported as such, not hidden.
+    arms = results["workloads"]["shared-prefix"]["arms"]
+    arms["pdroute"]["summary"]["ttft_s"]["p90"] = 0.8
+    lines = headline(results)
+    assert "(target >= 5x: NOT met)" in lines[0]
+    assert "(target: better: NOT met)" in lines[2]
+    assert "## Headline" in render_markdown(results)
