@@ -321,10 +321,11 @@ def build_engine_mappings(
     return out
 
 
-def engine_of(endpoint: Endpoint, default: str) -> str:
+def engine_of(endpoint: Endpoint, default: str, labels: tuple[str, ...] = ENGINE_LABELS) -> str:
+    """The endpoint's engine: its ``engine`` field, else the first of ``labels`` set."""
     if endpoint.engine:
         return endpoint.engine
-    for label in ENGINE_LABELS:
+    for label in labels:
         value = endpoint.labels.get(label)
         if value:
             return value

@@ -29,6 +29,11 @@ Design:
 * Time: ``updated_at`` comes from ``datastore.clock``; scheduling uses the injectable
   ``clock`` and ``sleep`` (virtual-time tests). ``fetch`` can be injected to test
   scheduling without HTTP.
+* Configuration: :func:`scrape_options` reads the config's data layer strictly
+  (``metrics-data-source``: ``scheme``, ``path``, ``insecureSkipVerify``;
+  ``core-metrics-extractor``: ``defaultEngine``, ``engineLabelKey``, ``engineConfigs``;
+  or the top-level ``engineConfigs``) and raises :class:`~epp.config.ConfigError`
+  naming the file and key; ``ScrapeOptions.scraper_kwargs()`` feeds the constructor.
 """
 
 from __future__ import annotations
@@ -40,12 +45,19 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
 
-from epp.datalayer.engines import EngineMapping, build_engine_mappings, engine_of
+from epp.config import ConfigError, EndpointPickerConfig, PluginKind
+from epp.datalayer.engines import (
+    ENGINE_LABELS,
+    EngineConfigError,
+    EngineMapping,
+    build_engine_mappings,
+    engine_of,
+)
 from epp.datalayer.promtext import MetricsParseError
 from epp.datastore import Datastore, Endpoint
 from epp.metrics import DATALAYER_POLL_ERRORS
@@ -58,6 +70,86 @@ Sleep = Callable[[float], Awaitable[None]]
 
 class ScrapeError(Exception):
     """A scrape failed (HTTP status, size limit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScrapeOptions:
+    """What the configuration asks of the scraper (defaults: llm-d's)."""
+
+    scheme: str = "http"
+    path: str = "/metrics"
+    #: https only: skip certificate verification (llm-d's default: true).
+    insecure_skip_verify: bool = True
+    default_engine: str = "vllm"
+    #: Endpoint label naming the engine; None: the standard labels (ENGINE_LABELS).
+    engine_label_key: str | None = None
+    engine_configs: Any = None
+
+    def scraper_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`MetricsScraper`."""
+        return {
+            "scheme": self.scheme,
+            "path": self.path,
+            "insecure_skip_verify": self.insecure_skip_verify,
+            "default_engine": self.default_engine,
+            "engine_labels": (
+                ENGINE_LABELS if self.engine_label_key is None else (self.engine_label_key,)
+            ),
+            "engine_configs": self.engine_configs,
+        }
+
+
+def scrape_options(config: EndpointPickerConfig) -> ScrapeOptions:
+    """Validate the config's data layer and return the scraper's options.
+
+    Raises :class:`ConfigError` (file and key) for an unknown or mistyped
+    parameter, an invalid metric spec, or an unknown ``defaultEngine``.
+    """
+    src = config.source
+    sources = [p for p in config.plugins if p.kind is PluginKind.DATA_SOURCE]
+    extractors = [p for p in config.plugins if p.kind is PluginKind.DATA_EXTRACTOR]
+    if len(sources) > 1:
+        raise ConfigError(
+            src, f"{sources[1].path}.type", "only one metrics data source is supported"
+        )
+    if len(extractors) > 1:
+        raise ConfigError(
+            src, f"{extractors[1].path}.type", "only one metrics extractor is supported"
+        )
+    scheme, path, insecure = "http", "/metrics", True
+    if sources:
+        params = sources[0].params(src)
+        scheme = params.get_str("scheme", "http", choices=("http", "https"))
+        path = params.get_str("path", "/metrics")
+        if not path.startswith("/"):
+            raise params.error("path", f"must start with '/', got {path!r}")
+        insecure = params.get_bool("insecureSkipVerify", True)
+        params.finish()
+    default_engine, label_key = "vllm", None
+    engine_configs: Any = config.engine_configs
+    key = "engineConfigs"
+    if extractors:
+        params = extractors[0].params(src)
+        default_engine = params.get_str("defaultEngine", "vllm")
+        label_key = params.get_str("engineLabelKey", "") or None
+        inline = params.get_any("engineConfigs")
+        params.finish()
+        if inline is not None:
+            if engine_configs is not None:
+                raise params.error(
+                    "engineConfigs", "also given at the top level; configure engines in one place"
+                )
+            engine_configs, key = inline, params.key_path("engineConfigs")
+    try:
+        mappings = build_engine_mappings(engine_configs, key=key)
+    except EngineConfigError as e:
+        raise ConfigError(src, e.key, e.problem) from None
+    if default_engine not in mappings:
+        where = f"{extractors[0].path}.parameters.defaultEngine" if extractors else key
+        raise ConfigError(
+            src, where, f"unknown engine {default_engine!r} (known: {', '.join(sorted(mappings))})"
+        )
+    return ScrapeOptions(scheme, path, insecure, default_engine, label_key, engine_configs)
 
 
 class MetricsScraper:
@@ -75,6 +167,8 @@ class MetricsScraper:
         max_concurrency: int = 64,
         scheme: str = "http",
         path: str = "/metrics",
+        insecure_skip_verify: bool = True,
+        engine_labels: tuple[str, ...] = ENGINE_LABELS,
         max_body_bytes: int = 8 * 1024 * 1024,
         sleep: Sleep = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -101,6 +195,8 @@ class MetricsScraper:
         self._max_concurrency = max_concurrency
         self._sem = asyncio.Semaphore(max_concurrency)
         self._scheme = scheme
+        self._verify_tls = scheme == "https" and not insecure_skip_verify
+        self._engine_labels = engine_labels
         self._path = path if path.startswith("/") else "/" + path
         self._max_body = max_body_bytes
         self._sleep = sleep
@@ -125,9 +221,8 @@ class MetricsScraper:
     async def run(self) -> None:
         """Scrape until cancelled."""
         if self._owns_session:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_concurrency, ssl=self._scheme != "https"
-            )
+            # ssl=False: no certificate verification (insecureSkipVerify); True: verify.
+            connector = aiohttp.TCPConnector(limit=self._max_concurrency, ssl=self._verify_tls)
             self._session = aiohttp.ClientSession(connector=connector)
         try:
             while True:
@@ -207,7 +302,7 @@ class MetricsScraper:
     # -- one scrape ----------------------------------------------------------
 
     def mapping_for(self, ep: Endpoint) -> EngineMapping:
-        engine = engine_of(ep, self._default_engine)
+        engine = engine_of(ep, self._default_engine, self._engine_labels)
         mapping = self._mappings.get(engine)
         if mapping is None:
             if engine not in self._unknown_engines:

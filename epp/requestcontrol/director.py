@@ -30,14 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from epp.config import (
-    ConfigError,
-    EndpointPickerConfig,
-    load_config,
-    load_config_text,
-    load_default_config,
-)
-from epp.datalayer.engines import EngineConfigError, build_engine_mappings
+from epp.config import EndpointPickerConfig, load_config, load_config_text, load_default_config
+from epp.datalayer.scraper import ScrapeOptions, scrape_options
 from epp.datastore import Datastore, EndpointView
 from epp.errors import EppError, Internal, NoReadyEndpoint, Shed
 from epp.requestcontrol.api import Director, IncomingRequest, ResponseInfo, RoutingDecision
@@ -149,6 +143,10 @@ class EppDirector:
     ) -> None:
         self.datastore = datastore
         self.config = config
+        #: The data layer's settings, validated now so that a bad metrics-data-source
+        #: / extractor parameter or ``engineConfigs`` spec fails start-up (ConfigError).
+        #: Wire: ``MetricsScraper(datastore, ..., **director.scrape_options.scraper_kwargs())``.
+        self.scrape_options: ScrapeOptions = scrape_options(config)
         self.rng = rng or random.Random()
         self.pipeline: Pipeline = build_pipeline(
             config, datastore=datastore, rng=self.rng, services=services
@@ -309,7 +307,7 @@ def build_director(
     ``services`` are shared objects for plugins (``BuildContext.services``), e.g. a
     KV-block index the data layer feeds. Raises :class:`epp.config.ConfigError`
     (message names the file and key) for any invalid configuration, including bad
-    plugin parameters and ``engineConfigs`` metric specs.
+    plugin parameters, data-layer parameters and ``engineConfigs`` metric specs.
     """
     if config_path is not None and config_text is not None:
         raise ValueError("give config_path or config_text, not both")
@@ -319,19 +317,9 @@ def build_director(
         config = load_config_text(config_text)
     else:
         config = load_default_config()
-    check_engine_configs(config)
     return EppDirector(
         datastore, config, rng=rng, services=services, prepare_timeout_s=prepare_timeout_s
     )
-
-
-def check_engine_configs(config: EndpointPickerConfig) -> None:
-    """Validate ``engineConfigs`` (metric specs) now, so a mistake fails start-up with
-    a :class:`ConfigError` naming the file and key, like every other config error."""
-    try:
-        build_engine_mappings(config.engine_configs)
-    except EngineConfigError as e:
-        raise ConfigError(config.source, e.key, e.problem) from None
 
 
 def _conforms(d: EppDirector, r: Decision) -> tuple[Director, RoutingDecision]:

@@ -327,3 +327,95 @@ async def test_unknown_engine_falls_back_and_bad_default_rejected() -> None:
         Endpoint("b", "h", 1)
     )
     assert s.url_for(Endpoint("a", "fd00::1", 8000)) == "http://[fd00::1]:8000/metrics"
+
+
+# -- configuration (scrape_options) ---------------------------------------------
+
+_HEAD = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
+
+
+def _options(text: str) -> object:
+    from epp.config import load_config_text
+    from epp.datalayer.scraper import scrape_options
+
+    return scrape_options(load_config_text(_HEAD + text, source="c.yaml"))
+
+
+def test_scrape_options_defaults_and_https() -> None:
+    from epp.config import load_default_config
+    from epp.datalayer.scraper import ScrapeOptions, scrape_options
+
+    assert scrape_options(load_default_config()) == ScrapeOptions()
+    opts = _options(
+        "plugins:\n- type: metrics-data-source\n"
+        "  parameters: {scheme: https, path: /m, insecureSkipVerify: false}\n"
+    )
+    assert isinstance(opts, ScrapeOptions)
+    assert (opts.scheme, opts.path, opts.insecure_skip_verify) == ("https", "/m", False)
+    scraper = MetricsScraper(Datastore(), **opts.scraper_kwargs())
+    assert scraper.url_for(Endpoint("e", "10.0.0.1", 8000)) == "https://10.0.0.1:8000/m"
+    assert scraper._verify_tls is True
+    assert MetricsScraper(Datastore(), scheme="https")._verify_tls is False  # llm-d default
+
+
+def test_scrape_options_extractor_engines_and_label_key() -> None:
+    from epp.datalayer.scraper import ScrapeOptions
+
+    opts = _options(
+        "plugins:\n- type: metrics-data-source\n- type: core-metrics-extractor\n  parameters:\n"
+        "    defaultEngine: mine\n    engineLabelKey: example.com/engine\n"
+        "    engineConfigs: [{name: mine, queuedRequestsSpec: 'q', kvUsageSpec: 'kv'}]\n"
+    )
+    assert isinstance(opts, ScrapeOptions)
+    scraper = MetricsScraper(Datastore(), **opts.scraper_kwargs())
+    from types import MappingProxyType
+
+    plain = Endpoint("a", "10.0.0.1", 8000)
+    labelled = Endpoint(
+        "b", "10.0.0.2", 8000, labels=MappingProxyType({"example.com/engine": "sglang"})
+    )
+    assert scraper.mapping_for(plain).queued is not None
+    assert str(scraper.mapping_for(plain).queued) == "q"  # defaultEngine: mine
+    assert str(scraper.mapping_for(labelled).queued) == "sglang:num_queue_reqs"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "plugins:\n- type: metrics-data-source\n  parameters: {schem: https}\n",
+            r"c.yaml: plugins\[0\].parameters.schem: unknown parameter",
+        ),
+        (
+            "plugins:\n- type: metrics-data-source\n  parameters: {scheme: ftp}\n",
+            r"c.yaml: plugins\[0\].parameters.scheme",
+        ),
+        (
+            "plugins:\n- type: metrics-data-source\n  parameters: {path: metrics}\n",
+            r"c.yaml: plugins\[0\].parameters.path: must start with '/'",
+        ),
+        (
+            "plugins:\n- type: core-metrics-extractor\n  parameters: {defaultEngine: nope}\n",
+            r"c.yaml: plugins\[0\].parameters.defaultEngine: unknown engine 'nope'",
+        ),
+        (
+            "plugins:\n- type: core-metrics-extractor\n"
+            "  parameters: {engineConfigs: [{name: x, kvSpec: k}]}\n",
+            r"c.yaml: plugins\[0\].parameters.engineConfigs\[0\].kvSpec: unknown key",
+        ),
+        (
+            "plugins:\n- type: core-metrics-extractor\n  parameters: {engineConfigs: []}\n"
+            "engineConfigs: [{name: vllm}]\n",
+            r"c.yaml: plugins\[0\].parameters.engineConfigs: also given at the top level",
+        ),
+        (
+            "engineConfigs: [{name: vllm, queuedRequestsSpec: 'q{a=~b}'}]\n",
+            r"c.yaml: engineConfigs\[0\].queuedRequestsSpec: bad label matcher",
+        ),
+    ],
+)
+def test_scrape_options_errors_name_file_and_key(text: str, message: str) -> None:
+    from epp.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _options(text)

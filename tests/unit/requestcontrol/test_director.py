@@ -252,6 +252,13 @@ def test_build_director_configs(tmp_path: Path) -> None:
         ConfigError, match=r"<config-text>: engineConfigs\[0\]\.kvSpec: unknown key"
     ):
         build_director(ds, config_text=HEAD_TEXT + "engineConfigs: [{name: x, kvSpec: k}]\n")
+    with pytest.raises(ConfigError, match=r"plugins\[0\]\.parameters\.schem: unknown parameter"):
+        build_director(
+            ds,
+            config_text=HEAD_TEXT
+            + "plugins: [{type: metrics-data-source, parameters: {schem: x}}]\n",
+        )
+    assert build_director(ds).scrape_options.path == "/metrics"
     with pytest.raises(ValueError, match="not both"):
         build_director(ds, config_path="a", config_text="b")
 
