@@ -55,6 +55,20 @@ BODY = orjson.dumps(
 )
 
 
+#: ``--scheduling random``: the cheapest scheduling config (one random picker), to
+#: separate the EPP's ext_proc overhead from the scheduling plugins' cost.
+RANDOM_CONFIG = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: random-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: random-picker
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -245,6 +259,13 @@ def main() -> int:
         default="wrk",
         help="load generator (aiohttp: a Python client in its own process; costs more CPU)",
     )
+    ap.add_argument(
+        "--scheduling",
+        choices=("default", "random"),
+        default="default",
+        help="EPP scheduling config: the built-in default (queue + kv + prefix scorers) "
+        "or a single random picker",
+    )
     ap.add_argument("--json", type=Path, help="also write the JSON result here")
     args = ap.parse_args()
 
@@ -284,6 +305,7 @@ def main() -> int:
             "duration_s": args.duration,
             "concurrency": [1, args.concurrency],
             "tls_to_epp": args.tls,
+            "scheduling": args.scheduling,
             "response_headers_to_epp": not args.skip_response_headers,
             "refresh_metrics_interval": args.refresh_metrics_interval,
             "request_body_bytes": len(BODY),
@@ -350,6 +372,7 @@ def main() -> int:
                 "--refresh-metrics-interval",
                 args.refresh_metrics_interval,
                 "--secure-serving" if args.tls else "--no-secure-serving",
+                *(["--config-text", RANDOM_CONFIG] if args.scheduling == "random" else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=(tmp / "epp.log").open("wb"),
