@@ -88,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lora-modules", nargs="*", default=[], help="name=path or JSON (vLLM syntax)")
     p.add_argument("--max-loras", type=int, default=1)
+    p.add_argument(
+        "--enable-lora", action="store_true", help="LoRA on (runtime load/unload endpoints)"
+    )
     p.add_argument("--seed", type=int, default=0)  # fmt: skip
 
 
@@ -118,6 +121,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         failure_types=tuple(t for t in a.failure_types.split(",") if t),
         lora_modules=parse_lora_modules(a.lora_modules),
         max_loras=a.max_loras,
+        enable_lora=a.enable_lora,
         seed=a.seed,
     )
     cfg.validate()

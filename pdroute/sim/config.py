@@ -65,7 +65,14 @@ class SimConfig:
     failure_types: tuple[str, ...] = FAILURE_TYPES
     lora_modules: tuple[LoraModule, ...] = ()
     max_loras: int = 1
+    #: LoRA support on (implied by lora_modules); adapters can be (un)loaded at run time
+    #: through /v1/load_lora_adapter and /v1/unload_lora_adapter.
+    enable_lora: bool = False
     seed: int = 0
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules)
 
     def validate(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -85,7 +92,7 @@ class SimConfig:
             raise bad("kv_transport", f"{self.kv_transport!r} is not one of auto, tcp, nixl")
         if self.kv_bytes_per_block < 0:
             raise bad("kv_bytes_per_block", "must be >= 0")
-        if self.lora_modules and self.max_loras <= 0:
+        if self.lora_enabled and self.max_loras <= 0:
             raise bad("max_loras", "must be positive when LoRA modules are configured")
 
 

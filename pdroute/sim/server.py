@@ -72,6 +72,8 @@ class SimServer:
         self.pool = BlockPool(config.num_blocks, config.block_size)
         self.latency = LatencyModel(config.profile, config.max_num_seqs, seed=config.seed + rank)
         self.loras = {m.name: i + 1 for i, m in enumerate(config.lora_modules)}
+        self.lora_paths = {m.name: m.path for m in config.lora_modules}
+        self._next_lora_id = len(self.loras) + 1
         self.engine = Engine(
             pool=self.pool,
             latency=self.latency,
@@ -79,7 +81,7 @@ class SimServer:
             max_num_seqs=config.max_num_seqs,
             max_waiting=config.max_waiting,
             lease_seconds=config.lease_seconds,
-            max_loras=config.max_loras if self.loras else 0,
+            max_loras=config.max_loras if config.lora_enabled else 0,
             on_load=self._start_load,
             on_events=self._publish,
         )
@@ -106,7 +108,7 @@ class SimServer:
                 hash_algo=config.hash_algo,
                 kv_bytes_per_token=config.profile.kv_bytes_per_token,
             ),
-            max_loras=config.max_loras if self.loras else 0,
+            max_loras=config.max_loras if config.lora_enabled else 0,
             nixl=config.role != "none",
         )
         self._rng = random.Random(config.seed * 7919 + rank)
@@ -137,6 +139,8 @@ class SimServer:
         r.add_post("/tokenize", self._tokenize)
         r.add_post("/detokenize", self._detokenize)
         r.add_get("/v1/models", self._models)
+        r.add_post("/v1/load_lora_adapter", self._load_lora)
+        r.add_post("/v1/unload_lora_adapter", self._unload_lora)
         r.add_get("/health", self._health)
         r.add_get("/metrics", self._metrics)
         r.add_get("/version", self._version)
@@ -687,8 +691,39 @@ class SimServer:
             }
 
         data = [card(self.cfg.model, self.cfg.model, None)]
-        data += [card(m.name, m.path, self.cfg.model) for m in self.cfg.lora_modules]
+        data += [card(n, self.lora_paths[n], self.cfg.model) for n in self.loras]
         return _json({"object": "list", "data": data})
+
+    async def _load_lora(self, request: web.Request) -> web.Response:
+        """vLLM's runtime LoRA loading (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``)."""
+        try:
+            body = await self._body(request)
+            name = body.get("lora_name") if isinstance(body, dict) else None
+            path = body.get("lora_path") if isinstance(body, dict) else None
+            if not self.cfg.lora_enabled:
+                raise api.ApiError(400, "LoRA is not enabled (start with --enable-lora)")
+            if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+                raise api.ApiError(400, "Both 'lora_name' and 'lora_path' must be provided.")
+            if name in self.loras:
+                raise api.ApiError(400, f"The lora adapter '{name}' has already been loaded.")
+            self.loras[name] = self._next_lora_id
+            self.lora_paths[name] = path
+            self._next_lora_id += 1
+            return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+        except api.ApiError as e:
+            return _json(e.body(), e.status)
+
+    async def _unload_lora(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._body(request)
+            name = body.get("lora_name") if isinstance(body, dict) else None
+            if not isinstance(name, str) or name not in self.loras:
+                raise api.ApiError(404, f"The lora adapter '{name}' cannot be found.")
+            del self.loras[name]
+            del self.lora_paths[name]
+            return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+        except api.ApiError as e:
+            return _json(e.body(), e.status)
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)

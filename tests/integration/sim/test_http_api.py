@@ -379,3 +379,46 @@ async def test_internal_bug_answers_500_json_and_server_survives(
     monkeypatch.undo()
     async with http.post(url(fleet, "/v1/completions"), json={"prompt": "x", "max_tokens": 2}) as r:
         assert r.status == 200
+
+
+async def test_runtime_lora_load_and_unload(fleet: SimFleet, http: aiohttp.ClientSession) -> None:
+    body = {"model": "ad2", "prompt": "x", "max_tokens": 1}
+    async with http.post(url(fleet, "/v1/completions"), json=body) as r:
+        assert r.status == 404
+    load = {"lora_name": "ad2", "lora_path": "/loras/ad2"}
+    async with http.post(url(fleet, "/v1/load_lora_adapter"), json=load) as r:
+        assert r.status == 200 and "ad2" in await r.text()
+    async with http.post(url(fleet, "/v1/load_lora_adapter"), json=load) as r:
+        assert r.status == 400
+        assert "already been loaded" in (await r.json())["error"]["message"]
+    async with http.post(url(fleet, "/v1/completions"), json=body) as r:
+        assert r.status == 200
+    async with http.get(url(fleet, "/v1/models")) as r:
+        assert "ad2" in [m["id"] for m in (await r.json())["data"]]
+    async with http.post(url(fleet, "/v1/unload_lora_adapter"), json={"lora_name": "ad2"}) as r:
+        assert r.status == 200
+    async with http.post(url(fleet, "/v1/unload_lora_adapter"), json={"lora_name": "ad2"}) as r:
+        assert r.status == 404 and (await r.json())["error"]["type"] == "NotFoundError"
+    async with http.post(url(fleet, "/v1/completions"), json=body) as r:
+        assert r.status == 404
+
+
+async def test_runtime_lora_needs_enable_lora() -> None:
+    async with (
+        SimFleet(SimConfig(model=MODEL, profile=get_profile("instant"))) as f,
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.post(
+            url(f, "/v1/load_lora_adapter"), json={"lora_name": "a", "lora_path": "/a"}
+        ) as r:
+            assert r.status == 400
+        async with s.get(url(f, "/metrics")) as r:
+            assert "lora_requests_info" not in await r.text()
+    cfg = SimConfig(model=MODEL, profile=get_profile("instant"), enable_lora=True, max_loras=2)
+    async with SimFleet(cfg) as f, aiohttp.ClientSession() as s:
+        async with s.post(
+            url(f, "/v1/load_lora_adapter"), json={"lora_name": "a", "lora_path": "/a"}
+        ) as r:
+            assert r.status == 200
+        async with s.get(url(f, "/metrics")) as r:
+            assert 'max_lora="2"' in await r.text()
