@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from pathlib import Path
 
 from epp.bbr.server import DEFAULT_MAX_BODY_BYTES, MODEL_HEADER, BbrServer, BodyRouter
@@ -73,7 +74,11 @@ async def _main(args: argparse.Namespace) -> int:
         default_mode=_mode(args.default_body_mode),
     )
     server = BbrServer(router, host=args.host, port=args.port, credentials=creds)
-    await server.start()
+    try:
+        await server.start()
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        logging.getLogger(__name__).error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -85,9 +90,11 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=str(args.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    level = logging.getLevelName(str(args.log_level).upper())
+    if not isinstance(level, int):
+        print(f"pdroute bbr: --log-level: unknown level {args.log_level!r}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.max_body_bytes <= 0:
         logging.getLogger(__name__).error("--max-body-bytes must be > 0")
         return 2

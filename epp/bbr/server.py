@@ -30,6 +30,8 @@ error types and its ``ImmediateResponse`` builder (``epp.handlers``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -81,6 +83,15 @@ def model_from_body(body: bytes) -> str:
     if len(model) > MAX_MODEL_CHARS or any(ord(c) < 0x20 or ord(c) == 0x7F for c in model):
         raise BadRequest("'model' is too long or contains control characters")
     return model
+
+
+def _mode_name(mode: int) -> str:
+    """The body mode's name; protobuf enums are open, so a newer Envoy may send a
+    value this build does not know (its number is then reported)."""
+    try:
+        return str(_Mode.BodySendMode.Name(mode))  # type: ignore[arg-type]
+    except ValueError:
+        return f"unknown mode {mode}"
 
 
 def _set_header(name: str, value: str) -> pb.HeaderMutation:
@@ -156,7 +167,7 @@ class BodyRouter:
                         immediate_response(
                             Internal(
                                 "bbr needs request_body_mode BUFFERED or FULL_DUPLEX_STREAMED, "
-                                f"got {_Mode.BodySendMode.Name(s.mode)}"  # type: ignore[arg-type]
+                                f"got {_mode_name(s.mode)}"
                             )
                         )
                     )
@@ -263,7 +274,14 @@ class _Servicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         request_iterator: object,
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
     ) -> None:
-        await self._router.run(context.read, context.write, _EOF)
+        try:
+            await self._router.run(context.read, context.write, _EOF)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one bad stream must not go unreported or take others down
+            log.exception("bbr stream failed")
+            with contextlib.suppress(Exception):
+                await context.write(immediate_response(Internal("body-based routing failed")))
 
 
 class BbrServer:

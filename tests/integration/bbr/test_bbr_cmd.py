@@ -102,3 +102,22 @@ async def test_pdroute_bbr_process(tls: bool, tmp_path: Path) -> None:
         code, out = await asyncio.to_thread(_stop, proc)
     assert code == 0, out.decode()
     assert b"bbr listening on 127.0.0.1" in out
+
+
+def test_pdroute_bbr_start_up_errors_are_one_line() -> None:
+    """A port in use or a bad flag exits 2 with a message, not a traceback."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _spawn(port, [])
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2, out.decode()
+    assert f"cannot listen on 127.0.0.1:{port}".encode() in out
+    assert b"Traceback" not in out
+    proc = _spawn(free_port(), ["--log-level", "loud"])
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and b"--log-level: unknown level 'loud'" in out
+    assert b"Traceback" not in out

@@ -153,6 +153,29 @@ async def test_unsupported_mode_500(channel: grpc.aio.Channel) -> None:
     assert b"FULL_DUPLEX_STREAMED" in r.immediate_response.body
 
 
+async def test_unknown_mode_number_500_not_a_crash(channel: grpc.aio.Channel) -> None:
+    """A body mode this build does not know (a newer Envoy) is answered, not raised."""
+    (r,) = await exchange(channel, [headers(99)], 1)
+    assert r.immediate_response.status.code == 500
+    assert b"unknown mode 99" in r.immediate_response.body
+
+
+async def test_unexpected_failure_answers_500() -> None:
+    class Broken(BodyRouter):
+        async def run(self, read: object, write: object, eof: object) -> None:
+            raise RuntimeError("boom")
+
+    server = BbrServer(Broken(), host="127.0.0.1", port=0)
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            (r,) = await exchange(ch, [headers(None)], 1)
+        assert r.immediate_response.status.code == 500
+        assert b"body-based routing failed" in r.immediate_response.body
+    finally:
+        await server.stop(0)
+
+
 async def test_trailers_end_the_body(channel: grpc.aio.Channel) -> None:
     payload = b'{"model": "t"}'
     replies = await exchange(
