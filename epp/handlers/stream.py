@@ -64,6 +64,7 @@ from epp.errors import EppError, Internal, NoReadyEndpoint, PayloadTooLarge
 from epp.handlers.usage import UsageScanner
 from epp.requestcontrol.api import Director, IncomingRequest, ResponseInfo, RoutingDecision
 from pdroute.protocol import headers as hdr
+from pdroute.protocol.headers import is_system_owned
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +335,9 @@ class StreamHandler:
         for hv in hdrs.headers.headers:
             key = hv.key
             value = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
-            if hdr.is_system_owned(key):
+            # Every system-owned name starts with "x-" except content-length: test
+            # the cheap prefix first (this loop runs for every request header).
+            if (key[:2] == "x-" or key == "content-length") and is_system_owned(key):
                 if key == "content-length":
                     content_length = value
                 elif key not in remove:

@@ -464,3 +464,12 @@ async def test_model_label_values_are_bounded(make_harness: Any) -> None:
     ours = {x for x in labels if x.startswith("rand-model-")}
     assert len(ours) <= MAX_MODEL_LABELS
     assert "other" in labels
+
+
+def test_system_owned_names_match_the_handlers_prefilter() -> None:
+    """The handler only calls is_system_owned for "x-*" and content-length; a new
+    system-owned name outside that shape must update the handler's prefilter."""
+    from pdroute.protocol.headers import SYSTEM_OWNED_NAMES, SYSTEM_OWNED_PREFIXES
+
+    for name in [*SYSTEM_OWNED_NAMES, *SYSTEM_OWNED_PREFIXES]:
+        assert name.startswith("x-") or name == "content-length", name
