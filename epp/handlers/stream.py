@@ -201,7 +201,7 @@ class _ModelMetrics:
 def _model_of(decision: RoutingDecision | None) -> str:
     if decision is None:
         return ""
-    for attr in ("model_name", "model", "target_model"):
+    for attr in ("model", "model_name"):
         v = getattr(decision, attr, None)
         if isinstance(v, str):
             return v
