@@ -23,9 +23,11 @@ Invariants:
 - a finished request with ``do_remote_decode`` keeps its blocks referenced as a
   *lease* until the decode server pulled them or the lease expired.
 
-Simplifications vs vLLM (documented, deliberate): no chunked prefill; only prompt
-blocks are prefix-cached (generated blocks are not); a request must fit the whole
-cache on its own (checked at admission, so progress is guaranteed).
+Blocks are prefix-cached as soon as their tokens' KV is computed: prompt blocks after
+the prefill, generated blocks during decode (each with a ``BlockStored`` event).
+
+Simplifications vs vLLM (documented, deliberate): no chunked prefill; a request must
+fit the whole cache on its own (checked at admission, so progress is guaranteed).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdroute.protocol.blockhash import HashFn, hash_block, none_hash, sha256_pickle
 from pdroute.sim.kvcache import BlockPool
 from pdroute.sim.latency import LatencyModel
 from pdroute.sim.metrics import EngineStats
@@ -92,6 +95,8 @@ class SimRequest:
     error: str | None = None
     lease_id: str | None = None
     num_preemptions: int = 0
+    #: Full blocks (prompt, then generated) whose hashes are in ``block_hashes``.
+    generated_hashes: list[bytes] = field(default_factory=list)
     t_arrival: float = 0.0
     t_scheduled: float = 0.0
     t_first_token: float = 0.0
@@ -131,7 +136,13 @@ class Engine:
         max_loras: int = 0,
         on_load: Callable[[SimRequest], None] | None = None,
         on_events: Callable[[list[Any]], None] | None = None,
+        tokenizer: Tokenizer | None = None,
+        hash_fn: HashFn = sha256_pickle,
+        hash_seed: str | None = None,
     ) -> None:
+        self.tokenizer = tokenizer or Tokenizer()
+        self.hash_fn = hash_fn
+        self.hash_seed = hash_seed
         self.pool = pool
         self.latency = latency
         self.stats = stats
@@ -166,6 +177,7 @@ class Engine:
         self.running.remove(req)
         self.pool.free(req.block_ids)
         req.block_ids = []
+        req.generated_hashes = []  # recomputed (and re-cached) after the recompute
         req.state = ReqState.WAITING
         req.num_preemptions += 1
         self.stats.preemptions += 1
@@ -295,6 +307,43 @@ class Engine:
         decoding = len(self.running) - len(admitted)
         return self.latency.step(decoding, prefill) if decoding or prefill else 0.0
 
+    def _cache_generated(self, req: SimRequest) -> None:
+        """Prefix-cache blocks filled by generated tokens (vLLM caches them too).
+
+        A block counts once its tokens' KV is computed: every token but the newest.
+        """
+        bs = self.pool.block_size
+        computed = req.num_prompt_tokens + len(req.output_ids) - 1
+        n_prompt = len(req.block_hashes)
+        while n_prompt + len(req.generated_hashes) < computed // bs:
+            i = n_prompt + len(req.generated_hashes)
+            if i >= len(req.block_ids):
+                return
+            chain = req.generated_hashes or req.block_hashes
+            parent = chain[-1] if chain else None
+            start = i * bs
+            tokens = [*req.prompt_ids, *req.output_ids][start : start + bs]
+            extra = (req.lora_name,) if req.lora_name else None
+            h = hash_block(
+                self.hash_fn,
+                parent if parent is not None else self._root(),
+                tokens,
+                extra,
+            )
+            req.generated_hashes.append(h)
+            self.pool.commit(
+                [req.block_ids[i]],
+                [h],
+                tokens,
+                parent,
+                lora_id=req.lora_id,
+                lora_name=req.lora_name,
+                extra_keys=extra,
+            )
+
+    def _root(self) -> bytes:
+        return none_hash(self.hash_fn, self.hash_seed)
+
     @staticmethod
     def _prefill_tokens(r: SimRequest) -> int:
         """Tokens a newly admitted request computes (a preempted one recomputes all)."""
@@ -352,8 +401,9 @@ class Engine:
             else:
                 stats.h_itl.observe(now - req.t_last_token)
                 step_tokens += 1
-            req.output_ids.append(Tokenizer.output_token(req.seed, pos))
+            req.output_ids.append(self.tokenizer.output_token(req.seed, pos))
             req.t_last_token = now
+            self._cache_generated(req)
             stats.generation_tokens += 1
             n = len(req.output_ids)
             if n >= req.max_tokens:

@@ -84,6 +84,9 @@ class SimServer:
             max_loras=config.max_loras if config.lora_enabled else 0,
             on_load=self._start_load,
             on_events=self._publish,
+            tokenizer=self.tok,
+            hash_fn=self.hash_fn,
+            hash_seed=config.hash_seed,
         )
         self.engine_id = str(uuid.uuid4())
         self.host = config.host

@@ -3,9 +3,13 @@
 Design: text is split into pieces (runs of word characters, runs of spaces, single
 other characters); each piece maps to a token id with a keyed BLAKE2b hash, so the
 same text gives the same ids in every process and on every machine (no dependence on
-``PYTHONHASHSEED``). Ids below :data:`FIRST_PIECE_ID` are reserved for special tokens
-and for the fixed output vocabulary the simulator "generates" from, so generated
-text detokenizes exactly.
+``PYTHONHASHSEED``). Ids below :data:`FIRST_PIECE_ID` are reserved for special tokens.
+
+Generated text alternates words from :data:`OUTPUT_WORDS` and single spaces, and the
+generated ids are exactly the ids the tokenizer gives that text ("word word word").
+So an assistant reply sent back in the next chat turn re-tokenizes to the tokens the
+server generated, and the next turn hits the blocks cached while generating, as with
+a real model and its tokenizer.
 
 The point is not linguistic fidelity but the properties the routing stack relies on:
 the same prompt prefix always yields the same token prefix (hence the same vLLM
@@ -21,8 +25,8 @@ from typing import Any
 
 BOS_ID = 1
 EOS_ID = 2
-#: Generated text is drawn from this fixed vocabulary; token id = OUTPUT_BASE + index.
-OUTPUT_BASE = 16
+FIRST_PIECE_ID = 16
+#: Generated text is drawn from this fixed vocabulary (alternating with " ").
 OUTPUT_WORDS: tuple[str, ...] = tuple(
     [
         "",
@@ -180,7 +184,6 @@ OUTPUT_WORDS: tuple[str, ...] = tuple(
         "block",
     ][1:]
 )
-FIRST_PIECE_ID = OUTPUT_BASE + len(OUTPUT_WORDS)
 DEFAULT_VOCAB_SIZE = 32000
 
 _PIECE_RE = re.compile(r"\w+|\s+|[^\w\s]", re.UNICODE)
@@ -195,6 +198,15 @@ class Tokenizer:
         self.vocab_size = vocab_size
         self._span = vocab_size - FIRST_PIECE_ID
         self._cache: dict[str, int] = {}
+        self._space = self._piece_id(" ")
+        words: list[int] = []
+        self._rev: dict[int, str] = {self._space: " "}
+        for w in OUTPUT_WORDS:
+            tid = self._piece_id(w)
+            if tid not in self._rev:  # skip hash collisions: ids must detokenize uniquely
+                self._rev[tid] = w
+                words.append(tid)
+        self._words = words
 
     def _piece_id(self, piece: str) -> int:
         tid = self._cache.get(piece)
@@ -215,23 +227,32 @@ class Tokenizer:
         return ids
 
     def token_str(self, tid: int) -> str:
+        """Text of a generated (or special) token; other ids render as ``<tN>``."""
+        s = self._rev.get(tid)
+        if s is not None:
+            return s
         if tid == BOS_ID:
             return "<s>"
         if tid == EOS_ID:
             return "</s>"
-        if OUTPUT_BASE <= tid < FIRST_PIECE_ID:
-            return " " + OUTPUT_WORDS[tid - OUTPUT_BASE]
         return f"<t{tid}>"
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.token_str(t) for t in ids if t not in (BOS_ID, EOS_ID))
 
-    @staticmethod
-    def output_token(seed: int, position: int) -> int:
-        """The ``position``-th generated token for a request whose content seed is ``seed``."""
+    def output_token(self, seed: int, position: int) -> int:
+        """The ``position``-th generated token of a request whose content seed is ``seed``.
+
+        Even positions are words, odd ones a space: the text re-tokenizes to these ids.
+        """
+        if position % 2:
+            return self._space
         x = (seed * 6364136223846793005 + position * 1442695040888963407) & ((1 << 64) - 1)
         x ^= x >> 29
-        return OUTPUT_BASE + x % len(OUTPUT_WORDS)
+        return self._words[x % len(self._words)]
+
+    def is_output_token(self, tid: int) -> bool:
+        return tid in self._rev
 
 
 def _content_text(content: Any) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pdroute.protocol.blockhash import chain_block_hashes
+from pdroute.protocol.blockhash import chain_block_hashes, to_event_hash
+from pdroute.protocol.kv_events import BlockStored
 from pdroute.sim.engine import Engine, QueueFull, RemoteSource, ReqState, SimRequest
 from pdroute.sim.kvcache import BlockPool
 from pdroute.sim.latency import LatencyModel, get_profile
@@ -255,3 +256,22 @@ def test_preemption_recomputes_and_finishes_identically() -> None:
     run(solo)
     assert c.output_ids == b.output_ids
     assert e.stats.h_preemptions.sum >= 1
+
+
+def test_generated_blocks_are_cached_and_hit_by_the_next_turn() -> None:
+    events: list[object] = []
+    e = make_engine(num_blocks=64, on_events=events.extend)
+    prompt = list(range(100, 106))  # 1 full block + 2 tokens
+    first = make_req(prompt, max_tokens=11)
+    e.add(first, 0.0)
+    t = run(e)
+    seq = [*prompt, *first.output_ids]  # 17 tokens; KV computed for 16 = 4 blocks
+    assert len(first.generated_hashes) == 3
+    assert [*first.block_hashes, *first.generated_hashes] == chain_block_hashes(seq, BS)[:4]
+    stored = [h for ev in events if isinstance(ev, BlockStored) for h in ev.block_hashes]
+    assert stored == [to_event_hash(h) for h in chain_block_hashes(seq, BS)[:4]]
+    # The next turn's prompt extends the conversation: all 4 blocks are prefix hits.
+    nxt = make_req([*seq, 7, 7, 7], max_tokens=1)
+    e.add(nxt, t)
+    run(e, t)
+    assert nxt.num_cached_tokens == 16

@@ -10,7 +10,6 @@ import pytest
 from pdroute.sim.tokenizer import (
     BOS_ID,
     FIRST_PIECE_ID,
-    OUTPUT_BASE,
     OUTPUT_WORDS,
     Tokenizer,
     render_chat,
@@ -19,7 +18,7 @@ from pdroute.sim.tokenizer import (
 
 def test_golden_ids_are_stable() -> None:
     # Golden values: a change here changes every block hash the simulator publishes.
-    assert Tokenizer().encode("Hello world!") == [1, 12942, 27602, 11871, 22569]
+    assert Tokenizer().encode("Hello world!") == [1, 23270, 19826, 18543, 19425]
 
 
 def test_same_ids_in_another_process_with_other_hash_seed() -> None:
@@ -50,13 +49,18 @@ def test_special_tokens_and_id_range() -> None:
     assert tok.encode("x", add_special_tokens=False)[0] != BOS_ID
 
 
-def test_output_tokens_detokenize_to_words() -> None:
+def test_output_tokens_detokenize_and_retokenize_exactly() -> None:
     tok = Tokenizer()
-    ids = [Tokenizer.output_token(7, i) for i in range(20)]
-    assert all(OUTPUT_BASE <= t < FIRST_PIECE_ID for t in ids)
-    assert ids == [Tokenizer.output_token(7, i) for i in range(20)]
-    words = tok.decode(ids).split()
-    assert len(words) == 20 and all(w in OUTPUT_WORDS for w in words)
+    ids = [tok.output_token(7, i) for i in range(21)]
+    assert ids == [tok.output_token(7, i) for i in range(21)]
+    assert all(tok.is_output_token(t) for t in ids)
+    text = tok.decode(ids)
+    words = text.split(" ")
+    assert len(words) == 11 and all(w in OUTPUT_WORDS for w in words)
+    # The reply re-tokenizes to exactly the generated ids (multi-turn prefix reuse).
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert tok.encode("assistant\n" + text, add_special_tokens=False)[2:] == ids
+    assert [tok.output_token(8, i) for i in range(21)] != ids
 
 
 def test_chat_template_is_deterministic_and_validates() -> None:
