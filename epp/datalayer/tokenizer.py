@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 from array import array
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +48,28 @@ class BlockKeyer(Protocol):
     def keys(self, tokens: Sequence[int]) -> list[int]:
         """One key per full block of ``tokens``, chained from the root."""
         ...
+
+    def iter_keys(self, tokens: Sequence[int]) -> Iterator[int]:
+        """The same keys, lazily."""
+        ...
+
+
+async def keys_cooperative(
+    keyer: BlockKeyer, tokens: Sequence[int], *, chunk_blocks: int = 128
+) -> list[int]:
+    """``keyer.keys(tokens)`` for long prompts without stalling the event loop:
+    yields to the loop every ``chunk_blocks`` blocks (about a millisecond of
+    SHA-256 work). Cheaper than a worker thread, which contends for the GIL."""
+    out: list[int] = []
+    append = out.append
+    it = keyer.iter_keys(tokens)
+    while True:
+        for _ in range(chunk_blocks):
+            k = next(it, None)
+            if k is None:
+                return out
+            append(k)
+        await asyncio.sleep(0)
 
 
 class EngineKeyer:
@@ -76,10 +98,14 @@ class EngineKeyer:
         self._memo_entries = memo_entries
 
     def keys(self, tokens: Sequence[int]) -> list[int]:
+        return list(self.iter_keys(tokens))
+
+    def iter_keys(self, tokens: Sequence[int]) -> Iterator[int]:
+        """The keys one by one (lets :func:`keys_cooperative` yield to the loop)."""
         bs = self.block_size
         n = len(tokens) // bs
         if n == 0:
-            return []
+            return
         memo = self._memo
         mget = memo.get
         h = xxhash.xxh3_128()
@@ -89,8 +115,6 @@ class EngineKeyer:
         step = bs * 4
         hash_fn = self._hash
         parent = self._root
-        out: list[int] = []
-        append = out.append
         for i in range(n):
             update(view[i * step : (i + 1) * step])
             pid = prefix_id()
@@ -101,9 +125,8 @@ class EngineKeyer:
                 memo[pid] = hit
                 if len(memo) > self._memo_entries:
                     memo.popitem(last=False)
-            append(hit[1])
+            yield hit[1]
             parent = hit[0]
-        return out
 
 
 class FastKeyer:
@@ -122,6 +145,9 @@ class FastKeyer:
 
     def keys(self, tokens: Sequence[int]) -> list[int]:
         return self.chain(None, tokens)
+
+    def iter_keys(self, tokens: Sequence[int]) -> Iterator[int]:
+        return iter(self.chain(None, tokens))
 
     def chain(self, parent: int | None, tokens: Sequence[int]) -> list[int]:
         bs = self.block_size

@@ -5,8 +5,8 @@ Per request:
 
 1. ``prepare_data`` (async): token ids of the prompt (already on the request, the
    body's token-id prompt, a local ``tokenizer.json``, or the engine's ``/tokenize``),
-   then the block keys (:mod:`epp.datalayer.tokenizer`; large uncached prompts are
-   hashed in a worker thread so the event loop keeps serving).
+   then the block keys (:mod:`epp.datalayer.tokenizer`; long prompts are hashed in
+   chunks that yield to the event loop, so it keeps serving).
 2. ``produce``: :meth:`KVBlockIndex.match` -> :class:`PrefixMatchInfo` (longest
    consecutive prefix per endpoint), read by ``prefix-cache-scorer`` with
    ``prefixMatchInfoProducerName: <this plugin's name>`` and by the P/D deciders.
@@ -88,6 +88,7 @@ from epp.datalayer.tokenizer import (
     RequestTokenizer,
     TokenizeError,
     VllmTokenizeClient,
+    keys_cooperative,
 )
 from epp.datastore import Datastore, EndpointView
 from epp.index.kvblock import KVBlockIndex
@@ -154,7 +155,7 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         replay_port: int = -1,
         topic_filter: str = "kv@",
         max_message_bytes: int = 16 << 20,
-        thread_threshold_blocks: int = 512,
+        cooperative_threshold_blocks: int = 512,
         capacity_from_metrics: bool = True,
         reconcile_interval_s: float = 1.0,
     ) -> None:
@@ -172,7 +173,7 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         self.discover_pods = discover_pods
         self.socket_port = socket_port
         self.replay_port = replay_port
-        self.thread_threshold_blocks = thread_threshold_blocks
+        self.cooperative_threshold_blocks = cooperative_threshold_blocks
         self.capacity_from_metrics = capacity_from_metrics
         self.reconcile_interval_s = reconcile_interval_s
         self.ingestor = KVEventIngestor(index, max_message_bytes=max_message_bytes)
@@ -502,8 +503,8 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         keyer = self.keyer_for(endpoints)
         if keyer is None:
             return
-        if len(tokens) // keyer.block_size > self.thread_threshold_blocks:
-            keys = await asyncio.to_thread(keyer.keys, tokens)
+        if len(tokens) // keyer.block_size > self.cooperative_threshold_blocks:
+            keys = await keys_cooperative(keyer, tokens)
         else:
             keys = keyer.keys(tokens)
         cycle.values[self.name + ":keys"] = _Keys(keys, keyer.block_size)

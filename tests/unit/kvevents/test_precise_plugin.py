@@ -374,3 +374,26 @@ async def test_local_tokenizer_and_estimate(tmp_path: Path) -> None:
         LocalTokenizer(tmp_path / "missing")
     est = await EstimateTokenizer().tokenize("m", prompt="x" * 40)
     assert est.token_ids is None and est.count == 10 and not est.exact
+
+
+async def test_cooperative_keys_equal_and_yield_to_the_loop() -> None:
+    from epp.datalayer.tokenizer import FastKeyer, keys_cooperative
+
+    tokens = list(range(16 * 1000))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    t = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    for keyer in (EngineKeyer(16), EngineKeyer(16, "sha256_cbor", "7"), FastKeyer(16)):
+        start = ticks
+        got = await keys_cooperative(keyer, tokens, chunk_blocks=100)
+        assert got == keyer.keys(tokens) and len(got) == 1000
+        assert ticks - start >= 9  # the loop ran between chunks
+    assert await keys_cooperative(EngineKeyer(16), tokens[:15]) == []
+    t.cancel()
