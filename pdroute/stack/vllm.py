@@ -11,7 +11,8 @@ Every gotcha measured on these machines is handled here, once:
   ``vllm.entrypoints.openai.api_server`` does.
 * vLLM writes caches, compiled kernels and ZMQ sockets into ``$HOME`` and ``/tmp``
   unless ``VLLM_CACHE_ROOT``, ``TORCHINDUCTOR_CACHE_DIR``, ``TMPDIR`` and ``HF_HOME``
-  point at a private directory: each instance gets its own ``state_dir``.
+  point elsewhere: each instance gets its own ``state_dir`` (temp files, HF home);
+  the caches live in ``$PDROUTE_CACHE/vllm-cache`` (shared, reused across runs).
 * Offline: ``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``, ``VLLM_NO_USAGE_STATS``.
 * Two instances on one machine: each pins its OpenMP threads to its own core
   (``VLLM_CPU_OMP_THREADS_BIND``), has its own NIXL side channel
@@ -120,6 +121,11 @@ class VllmSpec:
     kv_events_topic: str = "kv-events"
     extra_args: Sequence[str] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    #: vLLM's and inductor's caches. None: ``$PDROUTE_CACHE/vllm-cache``, shared by
+    #: all instances and runs (vLLM writes it atomically). Reusing vLLM's model-info
+    #: cache saves a whole ``import vllm`` subprocess per start (minutes on a busy
+    #: 2-core machine). TMPDIR and HF_HOME stay private to each instance.
+    cache_root: Path | None = None
 
     @property
     def host_port(self) -> str:
@@ -137,8 +143,9 @@ def build_command(
 
     ``state_dir`` is created and receives all of vLLM's caches and temp files.
     """
-    for sub in ("cache", "inductor", "tmp", "hf"):
-        (state_dir / sub).mkdir(parents=True, exist_ok=True)
+    cache_root = spec.cache_root or (_cache_dir() / "vllm-cache")
+    for d in (cache_root / "vllm", cache_root / "inductor", state_dir / "tmp", state_dir / "hf"):
+        d.mkdir(parents=True, exist_ok=True)
     argv = [
         install.python,
         "-m",
@@ -184,8 +191,8 @@ def build_command(
     argv += list(spec.extra_args)
 
     env = {
-        "VLLM_CACHE_ROOT": str(state_dir / "cache"),
-        "TORCHINDUCTOR_CACHE_DIR": str(state_dir / "inductor"),
+        "VLLM_CACHE_ROOT": str(cache_root / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_root / "inductor"),
         "TMPDIR": str(state_dir / "tmp"),
         "HF_HOME": str(state_dir / "hf"),
         "HF_HUB_OFFLINE": "1",

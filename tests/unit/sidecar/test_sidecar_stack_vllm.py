@@ -25,7 +25,13 @@ def _arg(argv: list[str], flag: str) -> str:
 
 
 def test_build_command_nixl(tmp_path: Path) -> None:
-    spec = VllmSpec(port=18001, nixl_side_channel_port=18002, cpu_bind="1", kv_cache_bytes=1 << 26)
+    spec = VllmSpec(
+        port=18001,
+        nixl_side_channel_port=18002,
+        cpu_bind="1",
+        kv_cache_bytes=1 << 26,
+        cache_root=tmp_path / "shared",
+    )
     argv, env = build_command(INSTALL, spec, tmp_path / "p")
     assert argv[:3] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     assert _arg(argv, "--model") == "/models/tiny"
@@ -42,11 +48,14 @@ def test_build_command_nixl(tmp_path: Path) -> None:
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
     assert env["UCX_NET_DEVICES"] == "lo"
     assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == env["VLLM_NO_USAGE_STATS"] == "1"
-    for key in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TMPDIR", "HF_HOME"):
+    for key in ("TMPDIR", "HF_HOME"):  # private to the instance
         assert Path(env[key]).is_dir() and Path(env[key]).is_relative_to(tmp_path / "p")
+    for key in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR"):  # shared caches
+        assert Path(env[key]).is_dir() and Path(env[key]).is_relative_to(tmp_path / "shared")
 
 
-def test_build_command_options(tmp_path: Path) -> None:
+def test_build_command_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PDROUTE_CACHE", str(tmp_path / "cache"))
     spec = VllmSpec(
         port=1,
         served_model_name="tiny-llama",
@@ -67,6 +76,7 @@ def test_build_command_options(tmp_path: Path) -> None:
     assert argv[-2:] == ["--seed", "3"] and env["X"] == "y"
     argv, env = build_command(INSTALL, VllmSpec(port=1), tmp_path)
     assert "--kv-transfer-config" not in argv and "VLLM_NIXL_SIDE_CHANNEL_PORT" not in env
+    assert env["VLLM_CACHE_ROOT"] == str(tmp_path / "cache" / "vllm-cache" / "vllm")
 
 
 def test_find_vllm_install_fails_with_bootstrap_command(
