@@ -58,6 +58,7 @@ start_apiserver() {
     --service-cluster-ip-range=10.0.0.0/24 \
     --disable-admission-plugins=ServiceAccount \
     --allow-privileged=true \
+    --endpoint-reconciler-type=none \
     --enable-priority-and-fairness=false \
     --profiling=false \
     >>"$dir/apiserver.log" 2>&1 &
@@ -145,6 +146,8 @@ case "$cmd" in
       --unsafe-no-fsync --quota-backend-bytes=1073741824 \
       >>"$dir/etcd.log" 2>&1 &
     echo $! >"$dir/etcd.pid"
+    # Leave nothing running behind a failed start.
+    trap 'stop_pid "$dir/apiserver.pid"; stop_pid "$dir/etcd.pid"' ERR
     start_apiserver
     install_crds
     {
@@ -154,6 +157,7 @@ case "$cmd" in
       echo "KUBE_EPP_TOKEN_FILE=$dir/epp.token"
       echo "KUBE_CA_FILE=$dir/certs/apiserver.crt"
     } >"$dir/env"
+    trap - ERR
     log "kube-apiserver ready at https://127.0.0.1:$API_PORT (env: $dir/env)"
     ;;
   start-apiserver)

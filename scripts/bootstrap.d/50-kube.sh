@@ -11,6 +11,7 @@ if [ "${PDROUTE_FULL:-0}" = "1" ] || [ "${PDROUTE_KUBE:-0}" = "1" ]; then
   KUBE_DIR="$PDROUTE_CACHE/kube"
   KUBE_BIN="$KUBE_DIR/bin"
   KUBE_VERSION="v1.37.2"  # keep in sync with tools/kube/go.mod
+  KUBE_BUILD_ID="$KUBE_VERSION-1"  # bump to force a rebuild when the build recipe changes
   GATEWAY_API_VERSION="v1.6.3"  # v1.7 needs go >= 1.27
   GIE_VERSION="v1.6.0"  # the newest on the module proxy
   mkdir -p "$KUBE_BIN" "$KUBE_DIR/crds"
@@ -18,24 +19,28 @@ if [ "${PDROUTE_FULL:-0}" = "1" ] || [ "${PDROUTE_KUBE:-0}" = "1" ]; then
   if ! command -v go >/dev/null 2>&1; then
     echo "50-kube.sh: the Go toolchain (>= 1.26) is required to build etcd and kube-apiserver;" \
       "install it from https://go.dev/dl/ and put it on PATH" >&2
-    return 1 2>/dev/null || exit 1
+    return 1
   fi
 
   if [ ! -x "$KUBE_BIN/kube-apiserver" ] || [ ! -x "$KUBE_BIN/etcd" ] \
-    || [ "$(cat "$KUBE_BIN/VERSION" 2>/dev/null)" != "$KUBE_VERSION" ]; then
+    || [ "$(cat "$KUBE_BIN/.kube-apiserver.version" 2>/dev/null)" != "$KUBE_BUILD_ID" ]; then
     log "building etcd + kube-apiserver $KUBE_VERSION into $KUBE_BIN (slow: ~minutes)"
     start=$(date +%s)
     (
-      cd "$REPO_ROOT/tools/kube"
+      cd "$REPO_ROOT/tools/kube" || exit 1
       export GOFLAGS="-mod=mod -trimpath" CGO_ENABLED=0
-      go build -p "${PDROUTE_KUBE_BUILD_P:-2}" -ldflags="-s -w" \
+      minor="${KUBE_VERSION#v1.}"
+      minor="${minor%%.*}"
+      v=k8s.io/component-base/version
+      go build -p "${PDROUTE_KUBE_BUILD_P:-2}" \
+        -ldflags="-s -w -X $v.gitVersion=$KUBE_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor" \
         -o "$KUBE_BIN/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver
       go build -p "${PDROUTE_KUBE_BUILD_P:-2}" -ldflags="-s -w" \
         -o "$KUBE_BIN/etcd.tmp" go.etcd.io/etcd/server/v3
     )
     mv "$KUBE_BIN/kube-apiserver.tmp" "$KUBE_BIN/kube-apiserver"
     mv "$KUBE_BIN/etcd.tmp" "$KUBE_BIN/etcd"
-    echo "$KUBE_VERSION" >"$KUBE_BIN/VERSION"
+    echo "$KUBE_BUILD_ID" >"$KUBE_BIN/.kube-apiserver.version"
     log "kube binaries built in $(($(date +%s) - start))s"
   fi
 
@@ -51,7 +56,7 @@ if [ "${PDROUTE_FULL:-0}" = "1" ] || [ "${PDROUTE_KUBE:-0}" = "1" ]; then
     rmdir "$crd_tmp"
     if [ -z "$gw_dir" ] || [ -z "$gie_dir" ]; then
       echo "50-kube.sh: could not download the CRD modules from the Go module proxy" >&2
-      return 1 2>/dev/null || exit 1
+      return 1
     fi
     # Only single-document CRDs (standard/ also holds a ValidatingAdmissionPolicy).
     for f in "$gw_dir"/config/crd/standard/*.yaml \
