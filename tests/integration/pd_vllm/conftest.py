@@ -11,31 +11,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pd_vllm_helpers import free_port
+from pd_vllm_helpers import PdPair, free_port
 
-from pdroute.stack.vllm import (
-    VllmInstall,
-    VllmNotInstalled,
-    VllmServer,
-    VllmSpec,
-    find_vllm_install,
-)
-
-
-@dataclass
-class PdPair:
-    install: VllmInstall
-    prefill: VllmServer
-    decode: VllmServer
-    work: Path
-
-    @property
-    def model(self) -> str:
-        return self.install.model
+from pdroute.stack.vllm import VllmNotInstalled, VllmServer, VllmSpec, find_vllm_install
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +35,7 @@ def vllm_pd() -> Iterator[PdPair]:
             s.state_dir.mkdir(parents=True, exist_ok=True)
             s.start()
         for s in servers:
-            s.wait_ready(timeout_s=600)
+            s.wait_ready(timeout_s=1000)
         yield PdPair(install, servers[0], servers[1], work)
     finally:
         for s in servers:

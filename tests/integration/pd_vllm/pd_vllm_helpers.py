@@ -12,12 +12,29 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from pdroute.stack.vllm import VllmInstall, VllmServer
+
 REPO = Path(__file__).resolve().parents[3]
+
+
+@dataclass
+class PdPair:
+    """The session's prefill and decode vLLM (see conftest.vllm_pd)."""
+
+    install: VllmInstall
+    prefill: VllmServer
+    decode: VllmServer
+    work: Path
+
+    @property
+    def model(self) -> str:
+        return self.install.model
 
 
 def free_port() -> int:

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PdPair
-from pd_vllm_helpers import REPO, SidecarProc, free_port, http, metric, post_json
+from pd_vllm_helpers import REPO, PdPair, SidecarProc, free_port, http, metric, post_json
 
 from pdroute.stack.envoy import EnvoyOptions, EnvoyProcess
 
-pytestmark = [pytest.mark.vllm, pytest.mark.envoy, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.vllm, pytest.mark.envoy, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 PD_CONFIG = REPO / "epp" / "config" / "examples" / "pd.yaml"
 LONG = "An endpoint picker scores pods by queue depth, KV-cache usage and prefix affinity. " * 35

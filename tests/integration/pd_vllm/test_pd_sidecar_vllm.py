@@ -8,11 +8,10 @@ from collections.abc import Iterator
 
 import orjson
 import pytest
-from conftest import PdPair
-from pd_vllm_helpers import SidecarProc, free_port, http, metric, post_json
+from pd_vllm_helpers import PdPair, SidecarProc, free_port, http, metric, post_json
 
 # vLLM start-up (session fixture) counts against the first test: allow a busy machine.
-pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 #: Several 128-token blocks of prompt (CPU block size), so NIXL moves real blocks.
 LONG_A = "Disaggregated serving splits prefill and decode across pods. " * 45
