@@ -14,6 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epp.bbr import BbrServer, BodyRouter, model_from_body
+from epp.bbr.server import Reader
 from epp.errors import BadRequest
 
 Mode = processing_mode_pb2.ProcessingMode
@@ -162,7 +163,8 @@ async def test_unknown_mode_number_500_not_a_crash(channel: grpc.aio.Channel) ->
 
 async def test_unexpected_failure_answers_500() -> None:
     class Broken(BodyRouter):
-        async def run(self, read: object, write: object, eof: object) -> None:
+        async def run(self, read: Reader, write: object, eof: object) -> None:
+            await read()  # fail while processing the first message
             raise RuntimeError("boom")
 
     server = BbrServer(Broken(), host="127.0.0.1", port=0)
