@@ -327,6 +327,15 @@ class LocalTokenizer:
         return TokenizedPrompt(ids, len(ids))
 
 
+class TokenizeCache:
+    """Results and in-flight calls shared by several :class:`VllmTokenizeClient`
+    (one per engine), so a prompt is tokenized once whichever engine answers."""
+
+    def __init__(self, entries: int = 8192) -> None:
+        self.results = _LRU(entries)
+        self.inflight: dict[bytes, asyncio.Future[list[int]]] = {}
+
+
 class _TokenizeAnswer(msgspec.Struct):
     tokens: list[int]
     count: int | None = None
@@ -347,13 +356,15 @@ class VllmTokenizeClient:
         timeout_s: float = 2.0,
         cache_entries: int = 4096,
         max_answer_bytes: int = 64 << 20,
+        shared: TokenizeCache | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._session = session
         self._own_session = session is None
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._cache = _LRU(cache_entries)
-        self._inflight: dict[bytes, asyncio.Future[list[int]]] = {}
+        shared = shared or TokenizeCache(cache_entries)
+        self._cache = shared.results
+        self._inflight = shared.inflight
         self._max_answer = max_answer_bytes
         self._decoder = msgspec.json.Decoder(_TokenizeAnswer)
         self.calls = 0

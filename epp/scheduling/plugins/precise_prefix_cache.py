@@ -71,6 +71,7 @@ from collections import deque
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Self
 
+import aiohttp
 import zmq.asyncio
 
 from epp.config import Params
@@ -86,6 +87,7 @@ from epp.datalayer.tokenizer import (
     FastKeyer,
     LocalTokenizer,
     RequestTokenizer,
+    TokenizeCache,
     TokenizeError,
     VllmTokenizeClient,
     keys_cooperative,
@@ -181,6 +183,8 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         self._subscriber: KVEventSubscriber | None = None
         self._keyers: dict[tuple[int, str, str | None], BlockKeyer] = {}
         self._engine_tokenizers: dict[str, VllmTokenizeClient] = {}
+        self._tokenize_cache = TokenizeCache()
+        self._http: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self.bound_address: str | None = None
         self._addr_to_key: dict[str, str | None] = {}
@@ -336,9 +340,10 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        for client in self._engine_tokenizers.values():
-            await client.close()
         self._engine_tokenizers.clear()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     async def run(self) -> None:
         """Keep the KV-event subscriptions in line with the pool until cancelled."""
@@ -465,14 +470,19 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
             return self.tokenizer
         if self.tokenizer_source != "vllm" or not endpoints:
             return None
-        # Any pool member tokenizes the same model; the first in key order keeps
-        # the cache warm on one engine.
-        key = min(e.key for e in endpoints)
+        # Any pool member tokenizes the same model: ask the least busy one (results
+        # are shared across engines, so this costs no cache hits).
+        best = min(endpoints, key=lambda e: (e.stale, e.metrics.waiting + e.metrics.running, e.key))
+        key = best.key
         client = self._engine_tokenizers.get(key)
         if client is None:
-            if len(self._engine_tokenizers) > 64:
-                self._engine_tokenizers.clear()  # old clients close with their sessions' GC
-            client = VllmTokenizeClient(f"http://{key}")
+            if self._http is None:
+                self._http = aiohttp.ClientSession()
+            if len(self._engine_tokenizers) > 256:
+                self._engine_tokenizers.clear()  # clients share one session: nothing leaks
+            client = VllmTokenizeClient(
+                f"http://{key}", session=self._http, shared=self._tokenize_cache
+            )
             self._engine_tokenizers[key] = client
         return client
 

@@ -397,3 +397,42 @@ async def test_cooperative_keys_equal_and_yield_to_the_loop() -> None:
         assert ticks - start >= 9  # the loop ran between chunks
     assert await keys_cooperative(EngineKeyer(16), tokens[:15]) == []
     t.cancel()
+
+
+async def test_engine_tokenization_asks_the_least_busy_engine_and_shares_results() -> None:
+    fakes = [FakeVllmTokenize(), FakeVllmTokenize()]
+    runners = []
+    ports = []
+    for fake in fakes:
+        app = web.Application()
+        app.router.add_post("/tokenize", fake.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    ds = Datastore(clock=lambda: NOW)
+    ds.replace_endpoints([Endpoint(f"p{i}", "127.0.0.1", p) for i, p in enumerate(ports)])
+    keys = [f"127.0.0.1:{p}" for p in ports]
+    ds.update_metrics(keys[0], EndpointMetrics(waiting=5, updated_at=NOW))
+    ds.update_metrics(keys[1], EndpointMetrics(waiting=0, updated_at=NOW))
+    pipe = build_pipeline(load_config_text(LLMD_CONFIG), datastore=ds, rng=random.Random(0))
+    prod = producer(pipe)
+    try:
+
+        async def prep(prompt: str) -> LLMRequest:
+            req = LLMRequest("r", "m", prompt=prompt, body={"model": "m", "prompt": prompt})
+            await prod.prepare_data(CycleState(), req, list(ds.snapshot().endpoints))
+            return req
+
+        assert (await prep("hello")).token_ids == [ord(c) for c in "hello"]
+        assert (len(fakes[0].calls), len(fakes[1].calls)) == (0, 1)  # the idle engine
+        ds.update_metrics(keys[1], EndpointMetrics(waiting=9, running=3, updated_at=NOW))
+        await prep("hello")  # cached, whichever engine would answer
+        await prep("world")
+        assert (len(fakes[0].calls), len(fakes[1].calls)) == (1, 1)
+    finally:
+        await prod.stop()
+        for r in runners:
+            await r.cleanup()
