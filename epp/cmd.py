@@ -155,7 +155,8 @@ def _setup_logging(verbosity: int) -> None:
 
 
 def _build(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything that can fail on bad configuration, before any port is bound."""
+    """Everything that can fail on bad configuration, before any port is bound
+    (cheap checks first: the endpoint source, then the scheduling config)."""
     from epp.config import ConfigError
     from epp.datalayer.scraper import MetricsScraper
     from epp.datalayer.static_file import EndpointFileError, StaticFileSource
@@ -163,16 +164,12 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
     from epp.handlers import StreamHandler
     from epp.requestcontrol import build_director
 
-    datastore = Datastore(staleness_s=args.metrics_staleness_threshold)
-    try:
-        director = build_director(
-            datastore, config_path=args.config_file, config_text=args.config_text
-        )
-    except ConfigError as e:
-        raise StartupError(str(e)) from None
-    except OSError as e:
-        raise StartupError(f"--config-file: {e}") from None
-
+    if args.cert_path is not None:
+        if not args.secure_serving:
+            raise StartupError("--cert-path needs --secure-serving")
+        missing = [f for f in ("tls.crt", "tls.key") if not (args.cert_path / f).is_file()]
+        if missing:
+            raise StartupError(f"--cert-path {args.cert_path}: missing {', '.join(missing)}")
     source: Any = None
     if args.endpoints:
         source = StaticFileSource(args.endpoints, poll_interval_s=args.endpoints_poll_interval)
@@ -199,6 +196,16 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
             "no endpoint source: pass --endpoints FILE, or --pool-name / "
             "--endpoint-selector with --endpoint-target-ports (Kubernetes)"
         )
+    datastore = Datastore(staleness_s=args.metrics_staleness_threshold)
+    try:
+        director = build_director(
+            datastore, config_path=args.config_file, config_text=args.config_text
+        )
+    except ConfigError as e:
+        raise StartupError(str(e)) from None
+    except OSError as e:
+        raise StartupError(f"--config-file: {e}") from None
+
     try:
         scraper = MetricsScraper(
             datastore,
@@ -208,8 +215,6 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
         )
     except ValueError as e:
         raise StartupError(f"engineConfigs: {e}") from None
-    if args.cert_path is not None and not args.secure_serving:
-        raise StartupError("--cert-path needs --secure-serving")
     if director.needs_response_body:
         log.info(
             "the scheduling config needs response bodies (usage): configure Envoy's ext_proc "
