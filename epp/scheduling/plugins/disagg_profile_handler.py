@@ -14,7 +14,7 @@ Without a configured decider, prefill runs for every request (always-disagg).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Self
 
 from epp.config import Params
@@ -53,6 +53,8 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
         self.prefill = prefill
         self.decider = decider
         self.has_prefill = True
+        #: Bound metric children per (decision, reason): no label lookup per request.
+        self._counters: dict[tuple[str, str], Callable[[], None]] = {}
 
     @classmethod
     def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
@@ -134,8 +136,15 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
                 elif prefill.targets[0].key == decode.targets[0].key:
                     decision, reason = "decode-only", "same-endpoint"
                     results.pop(self.prefill, None)
-        DISAGG_DECISIONS.labels(decision, reason).inc()
+        self._count(decision, reason)
         return SchedulingResult(results, self.decode)
+
+    def _count(self, decision: str, reason: str) -> None:
+        inc = self._counters.get((decision, reason))
+        if inc is None:
+            # Reasons are a small fixed set (see module doc), so this stays bounded.
+            inc = self._counters[(decision, reason)] = DISAGG_DECISIONS.labels(decision, reason).inc
+        inc()
 
     def pre_request(
         self,
