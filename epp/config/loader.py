@@ -328,10 +328,16 @@ class _Builder:
     ) -> ProfileSpec:
         pickers = [r for r in profile.plugins if names[r.plugin_ref].kind is PluginKind.PICKER]
         if len(pickers) > 1:
+            names_ = ", ".join(r.plugin_ref for r in pickers)
+            if pickers[1].path != "<default>":
+                raise self.err(
+                    pickers[1].path, f"profile {profile.name!r} has more than one picker ({names_})"
+                )
+            # The implicit default profile: point at the second picker's declaration.
             raise self.err(
-                pickers[1].path if pickers[1].path != "<default>" else f"{profile.path}.plugins",
-                f"profile {profile.name!r} has more than one picker "
-                f"({', '.join(r.plugin_ref for r in pickers)})",
+                f"{names[pickers[1].plugin_ref].path}.type",
+                f"several pickers ({names_}) but no schedulingProfiles to say which "
+                "profile uses which; declare schedulingProfiles or keep one picker",
             )
         if pickers:
             return profile

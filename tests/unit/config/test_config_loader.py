@@ -200,6 +200,11 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
             "config.yaml: schedulingProfiles[0].plugins[1]: profile 'a' has more than one picker (random-picker, max-score-picker)",
         ),
         (
+            "plugins:\n- type: random-picker\n- type: max-score-picker\n",
+            "config.yaml: plugins[1].type: several pickers (random-picker, max-score-picker) but no "
+            "schedulingProfiles to say which profile uses which; declare schedulingProfiles or keep one picker",
+        ),
+        (
             "plugins:\n- type: always-disagg-pd-decider\nschedulingProfiles:\n- name: a\n  plugins: [{pluginRef: always-disagg-pd-decider}]\n",
             "config.yaml: schedulingProfiles[0].plugins[0].pluginRef: plugin 'always-disagg-pd-decider' is a decider; profiles take only filters, scorers and pickers",
         ),
