@@ -194,3 +194,40 @@ async def test_stop_reports_not_serving_before_refusing_streams() -> None:
         assert len(await read_n(call, 2)) == 2
         await call.done_writing()
         await stopping
+
+
+async def test_renewed_certificate_is_served_to_new_connections(tmp_path: Path) -> None:
+    from epp.server.tls import server_credentials
+
+    key1, cert1 = self_signed("first")
+    (tmp_path / "tls.key").write_bytes(key1)
+    (tmp_path / "tls.crt").write_bytes(cert1)
+    server = EppServer(
+        StreamHandler(FakeDirector()),
+        ready=lambda: True,
+        options=ServerOptions(
+            host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=-1,
+            credentials=server_credentials(tmp_path),
+        ),
+    )  # fmt: skip
+    await server.start()
+    opts = [("grpc.ssl_target_name_override", "localhost")]
+    target = f"127.0.0.1:{server.ports.grpc}"
+    try:
+        creds1 = grpc.ssl_channel_credentials(root_certificates=cert1)
+        async with grpc.aio.secure_channel(target, creds1, options=opts) as ch:
+            assert await check(ch, "liveness") == SERVING
+        key2, cert2 = self_signed("second")
+        (tmp_path / "tls.key").write_bytes(key2)
+        (tmp_path / "tls.crt").write_bytes(cert2)
+        future = time.time() + 5
+        for f in ("tls.key", "tls.crt"):
+            os.utime(tmp_path / f, (future, future))
+        creds2 = grpc.ssl_channel_credentials(root_certificates=cert2)
+        async with grpc.aio.secure_channel(target, creds2, options=opts) as ch:
+            assert await check(ch, "liveness") == SERVING  # the renewed cert, no restart
+        async with grpc.aio.secure_channel(target, creds1, options=opts) as ch:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await check(ch, "liveness")  # the old cert is no longer served
+    finally:
+        await server.stop(0)
