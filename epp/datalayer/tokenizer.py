@@ -42,27 +42,45 @@ from pdroute.protocol.blockhash import hash_function, none_hash, to_event_hash
 # --------------------------------------------------------------------------- keyers
 
 
+@dataclass(frozen=True, slots=True)
+class RequestExtras:
+    """What vLLM mixes into block hashes besides tokens (``extra_keys``): the LoRA
+    adapter name on every block and ``cache_salt`` on the first block only
+    (multimodal and prompt-embedding keys are not supported: such prompts get no
+    precise match rather than a wrong one)."""
+
+    lora_name: str | None = None
+    cache_salt: str | None = None
+
+
+NO_EXTRAS = RequestExtras()
+
+
 class BlockKeyer(Protocol):
     block_size: int
 
-    def keys(self, tokens: Sequence[int]) -> list[int]:
+    def keys(self, tokens: Sequence[int], extras: RequestExtras = NO_EXTRAS) -> list[int]:
         """One key per full block of ``tokens``, chained from the root."""
         ...
 
-    def iter_keys(self, tokens: Sequence[int]) -> Iterator[int]:
+    def iter_keys(self, tokens: Sequence[int], extras: RequestExtras = NO_EXTRAS) -> Iterator[int]:
         """The same keys, lazily."""
         ...
 
 
 async def keys_cooperative(
-    keyer: BlockKeyer, tokens: Sequence[int], *, chunk_blocks: int = 128
+    keyer: BlockKeyer,
+    tokens: Sequence[int],
+    extras: RequestExtras = NO_EXTRAS,
+    *,
+    chunk_blocks: int = 128,
 ) -> list[int]:
     """``keyer.keys(tokens)`` for long prompts without stalling the event loop:
     yields to the loop every ``chunk_blocks`` blocks (about a millisecond of
     SHA-256 work). Cheaper than a worker thread, which contends for the GIL."""
     out: list[int] = []
     append = out.append
-    it = keyer.iter_keys(tokens)
+    it = keyer.iter_keys(tokens, extras)
     while True:
         for _ in range(chunk_blocks):
             k = next(it, None)
@@ -97,10 +115,10 @@ class EngineKeyer:
         self._memo: OrderedDict[bytes, tuple[bytes, int]] = OrderedDict()
         self._memo_entries = memo_entries
 
-    def keys(self, tokens: Sequence[int]) -> list[int]:
-        return list(self.iter_keys(tokens))
+    def keys(self, tokens: Sequence[int], extras: RequestExtras = NO_EXTRAS) -> list[int]:
+        return list(self.iter_keys(tokens, extras))
 
-    def iter_keys(self, tokens: Sequence[int]) -> Iterator[int]:
+    def iter_keys(self, tokens: Sequence[int], extras: RequestExtras = NO_EXTRAS) -> Iterator[int]:
         """The keys one by one (lets :func:`keys_cooperative` yield to the loop)."""
         bs = self.block_size
         n = len(tokens) // bs
@@ -109,6 +127,14 @@ class EngineKeyer:
         memo = self._memo
         mget = memo.get
         h = xxhash.xxh3_128()
+        lora, salt = extras.lora_name, extras.cache_salt
+        rest_extra: tuple[str, ...] | None = (lora,) if lora else None
+        first_extra: tuple[str, ...] | None = ((lora,) if lora else ()) + (
+            (salt,) if salt else ()
+        ) or None
+        if first_extra:
+            # Separate memo namespace per adapter/salt (their digests differ).
+            h.update(b"\x00" + _enc.encode((lora, salt)))
         update = h.update
         prefix_id = h.digest
         view = memoryview(_token_bytes(tokens, n * bs))
@@ -120,7 +146,8 @@ class EngineKeyer:
             pid = prefix_id()
             hit = mget(pid)
             if hit is None:
-                d = hash_fn((parent, tuple(tokens[i * bs : (i + 1) * bs]), None))
+                extra = first_extra if i == 0 else rest_extra
+                d = hash_fn((parent, tuple(tokens[i * bs : (i + 1) * bs]), extra))
                 hit = (d, to_event_hash(d))
                 memo[pid] = hit
                 if len(memo) > self._memo_entries:
@@ -143,10 +170,12 @@ class FastKeyer:
         self.block_size = block_size
         self._root = xxhash.xxh3_64_intdigest((seed or "pdroute-root").encode())
 
-    def keys(self, tokens: Sequence[int]) -> list[int]:
+    def keys(self, tokens: Sequence[int], extras: RequestExtras = NO_EXTRAS) -> list[int]:
+        """Extras are ignored: events do not carry them in a form re-keying uses,
+        so LoRA/salted blocks share keys with the base model in re-key mode."""
         return self.chain(None, tokens)
 
-    def iter_keys(self, tokens: Sequence[int]) -> Iterator[int]:
+    def iter_keys(self, tokens: Sequence[int], extras: RequestExtras = NO_EXTRAS) -> Iterator[int]:
         return iter(self.chain(None, tokens))
 
     def chain(self, parent: int | None, tokens: Sequence[int]) -> list[int]:

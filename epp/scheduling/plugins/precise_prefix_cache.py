@@ -82,10 +82,12 @@ from epp.datalayer.kvevents import (
     TopicResolver,
 )
 from epp.datalayer.tokenizer import (
+    NO_EXTRAS,
     BlockKeyer,
     EngineKeyer,
     FastKeyer,
     LocalTokenizer,
+    RequestExtras,
     RequestTokenizer,
     TokenizeCache,
     TokenizeError,
@@ -513,11 +515,26 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         keyer = self.keyer_for(endpoints)
         if keyer is None:
             return
+        extras = self._extras(request, endpoints)
         if len(tokens) // keyer.block_size > self.cooperative_threshold_blocks:
-            keys = await keys_cooperative(keyer, tokens)
+            keys = await keys_cooperative(keyer, tokens, extras)
         else:
-            keys = keyer.keys(tokens)
+            keys = keyer.keys(tokens, extras)
         cycle.values[self.name + ":keys"] = _Keys(keys, keyer.block_size)
+
+    @staticmethod
+    def _extras(request: LLMRequest, endpoints: Sequence[EndpointView]) -> RequestExtras:
+        """vLLM's hash extras: ``cache_salt``, and the LoRA name when the requested
+        model is an adapter some endpoint has (active or waiting)."""
+        lora = None
+        for e in endpoints:
+            m = e.metrics
+            if request.model in m.active_loras or request.model in m.waiting_loras:
+                lora = request.model
+                break
+        if lora is None and not request.cache_salt:
+            return NO_EXTRAS
+        return RequestExtras(lora_name=lora, cache_salt=request.cache_salt or None)
 
     async def _tokenize(
         self, request: LLMRequest, endpoints: Sequence[EndpointView]

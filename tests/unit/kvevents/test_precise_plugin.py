@@ -436,3 +436,51 @@ async def test_engine_tokenization_asks_the_least_busy_engine_and_shares_results
         await prod.stop()
         for r in runners:
             await r.cleanup()
+
+
+def test_engine_keys_include_vllm_extra_keys() -> None:
+    from epp.datalayer.tokenizer import RequestExtras
+    from pdroute.protocol.blockhash import (
+        chain_block_hashes,
+        hash_block,
+        none_hash,
+        sha256_pickle,
+        to_event_hash,
+    )
+
+    tokens = list(range(48))
+    keyer = EngineKeyer(16)
+    plain = keyer.keys(tokens)
+    # LoRA: the adapter name is an extra key on every block.
+    lora = keyer.keys(tokens, RequestExtras(lora_name="sql"))
+    assert lora == [to_event_hash(d) for d in chain_block_hashes(tokens, 16, extra_keys=("sql",))]
+    # cache_salt: only on the first block; lora first, then salt.
+    salted = keyer.keys(tokens, RequestExtras(lora_name="sql", cache_salt="tenant-a"))
+    d0 = hash_block(sha256_pickle, none_hash(sha256_pickle), tokens[:16], ("sql", "tenant-a"))
+    d1 = hash_block(sha256_pickle, d0, tokens[16:32], ("sql",))
+    assert salted[:2] == [to_event_hash(d0), to_event_hash(d1)]
+    assert len({plain[0], lora[0], salted[0]}) == 3
+    assert keyer.keys(tokens) == plain  # the memo keeps namespaces apart
+
+
+async def test_cache_salt_and_lora_requests_do_not_match_base_blocks() -> None:
+    ds = make_store(2)
+    ds.update_metrics(
+        "10.0.0.0:8000",
+        EndpointMetrics(block_size=16, active_loras=frozenset({"sql"}), updated_at=NOW),
+    )
+    pipe = build_pipeline(load_config_text(LLMD_CONFIG), datastore=ds, rng=random.Random(0))
+    prod = producer(pipe)
+    try:
+        tokens = list(range(64))
+        prod.ingestor.on_message("10.0.0.1:8000", 0, stored_payload(EngineKeyer(16).keys(tokens)))
+        cands = list(ds.snapshot().endpoints)
+        for model, salt, expect in (("m", "", 4), ("m", "tenant", 0), ("sql", "", 0)):
+            req = LLMRequest("r", model, cache_salt=salt, body={"model": model, "prompt": tokens})
+            cycle = CycleState()
+            await prod.prepare_data(cycle, req, cands)
+            prod.produce(cycle, req, cands)
+            info = prod.match_info(cycle)
+            assert info is not None and info.matches.get("10.0.0.1:8000", 0) == expect
+    finally:
+        await prod.stop()
