@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--slo-itl", type=float, default=0.05, help="goodput SLO: mean ITL s (0.05)")
     r.add_argument("--concurrency", type=int, default=512, help="client in-flight bound (512)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "--repeat", type=int, default=1, help="runs per arm, interleaved; median reported (1)"
+    )
     r.add_argument("--quick", action="store_true", help="short runs (a few minutes in all)")
     r.add_argument("--out", type=Path, default=Path("bench-results"), help="results directory")
     r.add_argument("--docs", type=Path, help="also regenerate this results page")
@@ -114,6 +117,7 @@ def _run(a: argparse.Namespace) -> int:
         slo=Slo(ttft_s=a.slo_ttft, itl_s=a.slo_itl),
         concurrency=a.concurrency,
         quick=a.quick,
+        repeat=max(1, a.repeat),
         argv=["pdroute", "bench", *sys.argv[2:]] if len(sys.argv) > 2 else [],
     )
     results = asyncio.run(run_all(cfg))

@@ -270,6 +270,25 @@ def headline(results: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def repeat_lines(arms: Mapping[str, Any]) -> list[str]:
+    """Every repeat's TTFT p90 and tokens/s (the table shows the median run)."""
+    out: list[str] = []
+    for name, arm in arms.items():
+        reps = arm.get("repeats") if isinstance(arm, Mapping) else None
+        if not reps:
+            continue
+        vals = ", ".join(
+            f"{_ms(r.get('ttft_p90_s'))} ms / {_num(r.get('output_tokens_per_s'), 0)} tok/s"
+            if r.get("status") == "ok"
+            else "failed"
+            for r in reps
+        )
+        out.append(f"- {name}, every run (TTFT p90 / output tok/s): {vals}")
+    if out:
+        out.insert(0, "Repeats (the table shows each arm's median run by TTFT p90):\n")
+    return out
+
+
 def ramp_table(arms: Mapping[str, Any]) -> list[str]:
     lines = [
         "| arm | offered req/s | achieved req/s | TTFT p90 (ms) | ITL p90 (ms) | e2e p90 (s) "
@@ -355,6 +374,9 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str] | None 
                 f"({shape.get('endpoint_kv_tokens')} tokens)"
             )
         lines += ["", *arm_table(arms), ""]
+        reps = repeat_lines(arms)
+        if reps:
+            lines += [*reps, ""]
         comp = comparisons(arms)
         if comp:
             lines += [*comp, ""]

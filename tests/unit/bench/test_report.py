@@ -90,3 +90,13 @@ def test_headline_states_targets_met_or_not(results: dict[str, Any]) -> None:
     assert "(target >= 5x: NOT met)" in lines[0]
     assert "(target: better: NOT met)" in lines[2]
     assert "## Headline" in render_markdown(results)
+
+
+def test_repeats_are_listed(results: dict[str, Any]) -> None:
+    arms = results["workloads"]["shared-prefix"]["arms"]
+    arms["pdroute"]["repeats"] = [
+        {"status": "ok", "ttft_p90_s": 0.1, "output_tokens_per_s": 800.0},
+        {"status": "failed", "reason": "x"},
+    ]
+    md = render_markdown(results)
+    assert "- pdroute, every run (TTFT p90 / output tok/s): 100 ms / 800 tok/s, failed" in md

@@ -138,3 +138,27 @@ def test_record_json_round_trip() -> None:
     r = rec(3, 0.1, [0.01, 0.02], served_by="x", group="g1", phase=2)
     assert RequestRecord.from_json(r.to_json()) == r
     assert r.itl_mean_s == pytest.approx(0.015)
+
+
+def test_combine_repeats_reports_the_median_run_and_every_run() -> None:
+    from pdroute.bench.runner import combine_repeats
+
+    def run(p90: float) -> dict[str, object]:
+        return {
+            "status": "ok",
+            "summary": {"ttft_s": {"p90": p90}, "output_tokens_per_s": 100 / p90},
+            "prefix_cache": {"hit_rate": 0.5},
+        }
+
+    got = combine_repeats([run(3.0), {"status": "failed", "reason": "boom"}, run(1.0), run(2.0)])
+    assert got["summary"]["ttft_s"]["p90"] == 2.0
+    assert [r["ttft_p90_s"] for r in got["repeats"]] == [3.0, None, 1.0, 2.0]
+    assert got["repeats"][1] == {
+        "status": "failed",
+        "ttft_p90_s": None,
+        "output_tokens_per_s": None,
+        "hit_rate": None,
+        "reason": "boom",
+    }
+    assert combine_repeats([{"status": "failed", "reason": "x"}])["status"] == "failed"
+    assert "repeats" not in combine_repeats([run(1.0)])
