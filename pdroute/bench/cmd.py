@@ -15,6 +15,7 @@ import asyncio
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -59,7 +60,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--out", type=Path, default=Path("bench-results"), help="results directory")
     r.add_argument("--docs", type=Path, help="also regenerate this results page")
     rep = sub.add_parser("report", help="render the results page from a results directory")
-    rep.add_argument("--results", type=Path, required=True, help="directory with results.json")
+    rep.add_argument(
+        "--results",
+        type=Path,
+        action="append",
+        required=True,
+        help="directory with results.json; repeat to merge runs (a later run's workload "
+        "replaces an earlier one's)",
+    )
     rep.add_argument("--docs", type=Path, default=Path("docs/benchmarks.md"))
 
 
@@ -133,17 +141,42 @@ def _run(a: argparse.Namespace) -> int:
     return 0
 
 
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from several runs: workloads in first-seen order, a later
+    run's workload replacing an earlier one's; every run's command is kept."""
+    merged: dict[str, Any] = dict(parts[0])
+    merged["workloads"] = {}
+    runs: list[dict[str, Any]] = []
+    for part in parts:
+        for prior in part.get("runs") or [
+            {"created": part.get("created"), "argv": (part.get("config") or {}).get("argv")}
+        ]:
+            if prior not in runs:
+                runs.append(prior)
+        merged["workloads"].update(part.get("workloads") or {})
+    merged["runs"] = runs
+    return merged
+
+
 def _report(a: argparse.Namespace) -> int:
-    path = a.results / "results.json"
-    try:
-        results = orjson.loads(path.read_bytes())
-    except OSError as e:
-        print(f"pdroute bench report: {path}: {e.strerror}", file=sys.stderr)
-        return 2
-    except orjson.JSONDecodeError as e:
-        print(f"pdroute bench report: {path}: not JSON ({e})", file=sys.stderr)
-        return 2
-    md, plots = write_report(results, a.docs, a.docs.parent / a.docs.stem)
+    dirs: list[Path] = a.results if isinstance(a.results, list) else [a.results]
+    parts: list[dict[str, Any]] = []
+    for d in dirs:
+        path = d / "results.json"
+        try:
+            parts.append(orjson.loads(path.read_bytes()))
+        except OSError as e:
+            print(f"pdroute bench report: {path}: {e.strerror}", file=sys.stderr)
+            return 2
+        except orjson.JSONDecodeError as e:
+            print(f"pdroute bench report: {path}: not JSON ({e})", file=sys.stderr)
+            return 2
+    results = merge_results(parts)
+    png_dir = a.docs.parent / a.docs.stem
+    md, plots = write_report(results, a.docs, png_dir)
+    # The merged results next to the page: `--results <that dir>` regenerates it.
+    png_dir.mkdir(parents=True, exist_ok=True)
+    (png_dir / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     print(f"wrote {md}" + "".join(f"\nwrote {p}" for p in plots.values()))
     return 0
 

@@ -100,3 +100,22 @@ def test_repeats_are_listed(results: dict[str, Any]) -> None:
     ]
     md = render_markdown(results)
     assert "- pdroute, every run (TTFT p90 / output tok/s): 100 ms / 800 tok/s, failed" in md
+
+
+def test_merge_results_later_workload_wins_and_runs_are_kept(results: dict[str, Any]) -> None:
+    import copy
+
+    later = copy.deepcopy(results)
+    later["created"] = "2026-11-25T13:00:00+00:00"
+    later["config"]["argv"] = ["pdroute", "bench", "run", "--repeat", "3"]
+    del later["workloads"]["ramp"]
+    later["workloads"]["shared-prefix"]["arms"]["pdroute"]["summary"]["ttft_s"]["p90"] = 0.2
+    merged = cmd.merge_results([results, later])
+    assert list(merged["workloads"]) == ["shared-prefix", "ramp"]
+    assert (
+        merged["workloads"]["shared-prefix"]["arms"]["pdroute"]["summary"]["ttft_s"]["p90"] == 0.2
+    )
+    assert [r["created"] for r in merged["runs"]] == [results["created"], later["created"]]
+    md = render_markdown(merged)
+    assert "command `pdroute bench run --quick`" in md
+    assert "command `pdroute bench run --repeat 3`" in md
