@@ -48,11 +48,12 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 
 from epp.errors import BadRequest, EppError, Internal, PayloadTooLarge
 from epp.handlers import CHUNK_LIMIT, immediate_response
+from pdroute.protocol.headers import MODEL_NAME
 
 log = logging.getLogger(__name__)
 
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
-MODEL_HEADER = "x-gateway-model-name"
+MODEL_HEADER = MODEL_NAME
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_MODEL_CHARS = 512

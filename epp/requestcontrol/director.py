@@ -37,7 +37,7 @@ from epp.errors import EppError, Internal, NoReadyEndpoint, Shed
 from epp.requestcontrol.api import Director, IncomingRequest, ResponseInfo, RoutingDecision
 from epp.requestcontrol.parse import header_int, parse_body
 from epp.scheduling import CycleState, LLMRequest, Pipeline, SchedulingResult, build_pipeline
-from pdroute.protocol.headers import REQUEST_ID
+from pdroute.protocol.headers import PREFILLER_HOST_PORT, REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Decision:
 
     @property
     def prefill_endpoint(self) -> str | None:
-        return self.set_headers.get("x-prefiller-host-port")
+        return self.set_headers.get(PREFILLER_HOST_PORT)
 
     def response_headers(self, info: ResponseInfo) -> Mapping[str, str]:
         if self.result is None or self.request is None or self.cycle is None:
