@@ -483,7 +483,6 @@ class KVEventSubscriber:
         self._conn: dict[str, tuple[zmq.asyncio.Socket, asyncio.Task[None]]] = {}
         self._bound: list[tuple[zmq.asyncio.Socket, asyncio.Task[None]]] = []
         self._replay_addr: dict[str, str] = {}
-        self._replay_for: Callable[[str], str | None] | None = None
         self._replays: set[asyncio.Task[None]] = set()
 
     # -- topology
@@ -505,7 +504,7 @@ class KVEventSubscriber:
         if replay_address:
             self._replay_addr[endpoint] = replay_address
         task = asyncio.get_running_loop().create_task(
-            self._read(sock, endpoint, None), name=f"kvevents-{endpoint}"
+            self._read(sock, endpoint, None, None), name=f"kvevents-{endpoint}"
         )
         self._conn[endpoint] = (sock, task)
 
@@ -540,9 +539,8 @@ class KVEventSubscriber:
         else:
             sock.bind(address)
             bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._replay_for = replay_address_for
         task = asyncio.get_running_loop().create_task(
-            self._read(sock, None, resolver), name=f"kvevents-bind-{bound}"
+            self._read(sock, None, resolver, replay_address_for), name=f"kvevents-bind-{bound}"
         )
         self._bound.append((sock, task))
         return bound
@@ -565,7 +563,11 @@ class KVEventSubscriber:
     # -- reading
 
     async def _read(
-        self, sock: zmq.asyncio.Socket, endpoint: str | None, resolver: TopicResolver | None
+        self,
+        sock: zmq.asyncio.Socket,
+        endpoint: str | None,
+        resolver: TopicResolver | None,
+        replay_for: Callable[[str], str | None] | None,
     ) -> None:
         batch = self.config.batch_messages
         # A synchronous shadow of the same socket drains ready messages without a
@@ -582,7 +584,7 @@ class KVEventSubscriber:
             n = 0
             while True:
                 try:
-                    handle(frames, endpoint, resolver)
+                    handle(frames, endpoint, resolver, replay_for)
                 except Exception:  # a bug here must not stop the stream
                     log.exception("kv events: failed to handle a message")
                     self.ingestor.count("malformed")
@@ -598,7 +600,11 @@ class KVEventSubscriber:
                 await asyncio.sleep(0)
 
     def _handle(
-        self, frames: list[bytes], endpoint: str | None, resolver: TopicResolver | None
+        self,
+        frames: list[bytes],
+        endpoint: str | None,
+        resolver: TopicResolver | None,
+        replay_for: Callable[[str], str | None] | None,
     ) -> None:
         ing = self.ingestor
         if len(frames) != 3 or len(frames[1]) != 8:
@@ -614,7 +620,7 @@ class KVEventSubscriber:
             if endpoint is None:
                 ing.count("unknown_endpoint")
                 return
-            replay_addr = self._replay_for(endpoint) if self._replay_for else None
+            replay_addr = replay_for(endpoint) if replay_for else None
         else:
             replay_addr = self._replay_addr.get(endpoint)
         seq = int.from_bytes(seq_b, "big")

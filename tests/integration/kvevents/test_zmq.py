@@ -204,9 +204,14 @@ async def test_bind_mode_gap_replays_via_configured_address(ctx: zmq.asyncio.Con
     index = KVBlockIndex()
     ing = KVEventIngestor(index)
     sub = KVEventSubscriber(ing, context=ctx)
-    address = sub.bind("tcp://127.0.0.1:0", TopicResolver(mapping={"kv@a@m": "a:1"}))
+    replay: dict[str, str] = {}
+    address = sub.bind(
+        "tcp://127.0.0.1:0",
+        TopicResolver(mapping={"kv@a@m": "a:1"}),
+        replay_address_for=replay.get,
+    )
     pub = VllmLikePublisher(ctx, "kv@a@m", connect_to=address)
-    sub._replay_for = lambda ep: pub.replay_address if ep == "a:1" else None
+    replay["a:1"] = pub.replay_address
     try:
         await until_joined(pub, index, "a:1")
         await pub.publish(stored(1), drop=True)
