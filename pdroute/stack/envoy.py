@@ -35,9 +35,16 @@ Two upstream modes:
     A changed pool needs a re-rendered bootstrap (or EDS; not done here).
 
 ``original_dst`` (pool membership unknown to Envoy, e.g. a pool that changes)
-    An ``ORIGINAL_DST`` cluster keyed on the same metadata. Only the first
-    address is used (no fallbacks), and fail-open is refused: without metadata an
+    An ``ORIGINAL_DST`` cluster keyed on the same metadata. ORIGINAL_DST reads one
+    address, so a small Lua filter copies the list's first entry to
+    ``x-gateway-destination-endpoint-primary`` (still metadata, never a header);
+    fallbacks are not used, and fail-open is refused: without metadata an
     ORIGINAL_DST cluster would send the request to the listener's own address.
+
+Retries (pool mode) happen only when no response started: ``connect-failure``,
+``refused-stream`` and ``reset-before-request``. A 5xx answer from a model server
+is returned to the client as is (re-running inference elsewhere is the client's
+call, and the sidecar's for P/D legs).
 """
 
 from __future__ import annotations
@@ -70,7 +77,23 @@ _HTTP_OPTS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _OVERRIDE_HOST = _T + "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost"
 _LEAST_REQUEST = _T + "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest"
-_PREV_HOSTS = _T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+_LUA = _T + "envoy.extensions.filters.http.lua.v3.Lua"
+#: ORIGINAL_DST parses its metadata value as one address, but the EPP sends an ordered
+#: list; this filter (after ext_proc, before the router) copies the list's first
+#: entry to PRIMARY_KEY for the cluster to use.
+PRIMARY_KEY = "x-gateway-destination-endpoint-primary"
+_PRIMARY_LUA = f"""
+function envoy_on_request(handle)
+  local md = handle:streamInfo():dynamicMetadata():get("{ENVOY_LB}")
+  if md == nil then return end
+  local v = md["{DESTINATION_ENDPOINT}"]
+  if v == nil then return end
+  local first = string.match(v, "^%s*([^,%s]+)")
+  if first ~= nil then
+    handle:streamInfo():dynamicMetadata():set("{ENVOY_LB}", "{PRIMARY_KEY}", first)
+  end
+end
+"""
 
 MODE_POOL = "pool"
 MODE_ORIGINAL_DST = "original_dst"
@@ -206,8 +229,8 @@ def _epp_cluster(o: EnvoyOptions) -> dict[str, Any]:
     return cluster
 
 
-def _metadata_key() -> dict[str, Any]:
-    return {"key": ENVOY_LB, "path": [{"key": DESTINATION_ENDPOINT}]}
+def _metadata_key(key: str = DESTINATION_ENDPOINT) -> dict[str, Any]:
+    return {"key": ENVOY_LB, "path": [{"key": key}]}
 
 
 def _pool_cluster(o: EnvoyOptions) -> dict[str, Any]:
@@ -223,7 +246,7 @@ def _pool_cluster(o: EnvoyOptions) -> dict[str, Any]:
                 "lb_policy": "CLUSTER_PROVIDED",
                 "original_dst_lb_config": {
                     "use_http_header": False,
-                    "metadata_key": _metadata_key(),
+                    "metadata_key": _metadata_key(PRIMARY_KEY),
                 },
             }
         )
@@ -291,6 +314,13 @@ def _ext_proc_filter(o: EnvoyOptions) -> dict[str, Any]:
     }
 
 
+def _primary_filter() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {"@type": _LUA, "default_source_code": {"inline_string": _PRIMARY_LUA}},
+    }
+
+
 def _route(o: EnvoyOptions) -> dict[str, Any]:
     route: dict[str, Any] = {"cluster": "inference_pool", "timeout": _duration(o.route_timeout_s)}
     if o.mode == MODE_POOL and o.num_retries > 0:
@@ -331,6 +361,7 @@ def render_bootstrap(o: EnvoyOptions) -> dict[str, Any]:
         },
         "http_filters": [
             *([_ext_proc_filter(o)] if o.epp_enabled else []),
+            *([_primary_filter()] if o.mode == MODE_ORIGINAL_DST else []),
             {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
         ],
     }

@@ -42,6 +42,7 @@ async def make_stack(envoy_binary: str, tmp_path: Path) -> AsyncIterator[Callabl
         tls: bool = False,
         response_body: bool = False,
         response_headers: bool = True,
+        mode: str = "pool",
     ) -> Stack:
         backends = [await start_backend() for _ in range(n_backends)]
         for b in backends:
@@ -65,7 +66,8 @@ async def make_stack(envoy_binary: str, tmp_path: Path) -> AsyncIterator[Callabl
             listen_port=free_port(),
             admin_port=free_port(),
             epp_port=epp.ports.grpc,
-            pool=[b.key for b in backends] + list(extra_pool or []),
+            pool=[b.key for b in backends] + list(extra_pool or []) if mode == "pool" else [],
+            mode=mode,
             failure_mode_allow=failure_mode_allow,
             epp_tls=tls,
             response_body=response_body,

@@ -113,3 +113,19 @@ async def test_without_response_headers_finish_runs_at_stream_end(make_stack: An
         await asyncio.sleep(0.02)
     (info,) = decision.finished
     assert info.status is None  # never saw the response headers
+
+
+async def test_original_dst_mode_routes_to_the_primary(make_stack: Any) -> None:
+    """Pool membership unknown to Envoy: the first address of the EPP's list is used."""
+    st = await make_stack(2, mode="original_dst")
+    b0, b1 = st.backends
+    for pick in ([b1.key], [b0.key, b1.key], [b1.key, b0.key]):
+        status, body, _ = await st.post(
+            {"model": "m", "pick": pick}, headers={"x-gateway-destination-endpoint": "10.9.9.9:1"}
+        )
+        assert status == 200, body
+        assert body["served_by"] == pick[0]
+    await st.epp.stop(0)  # fail-closed only: a dead EPP never lets the header steer
+    await asyncio.to_thread(st.envoy.wait_epp_health, False)
+    status, _, _ = await st.post({"model": "m"}, headers={"x-gateway-destination-endpoint": b1.key})
+    assert status >= 500
