@@ -8,9 +8,10 @@ election is on, a :class:`pdroute.kube.LeaderElector`. Every changed set of
 Readiness (``ready()``): the pods for the pool were listed at least once and, with
 leader election on, this replica holds the lease. Followers keep watching (hot
 standby) so a failover routes with a current set at once. During an API server
-outage the last known set stays in the datastore and readiness does not change
-(leader election aside: a leader that cannot renew steps down after its renew
-deadline, client-go semantics).
+outage the last known set stays in the datastore and readiness does not change;
+with leader election the leader keeps leading through the outage unless
+``--ha-step-down-when-unreachable`` asks for strict client-go semantics (see
+:mod:`pdroute.kube.leader` for the trade-off).
 
 CLI wiring (``epp.cmd`` calls these; the flag names follow the reference EPP):
 :func:`add_kube_arguments` and :func:`build_kube_source`.
@@ -132,6 +133,13 @@ def add_kube_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--ha-identity", help="this replica's identity in the Lease (default: $POD_NAME/hostname)"
     )
+    g.add_argument(
+        "--ha-step-down-when-unreachable",
+        action="store_true",
+        help="strict client-go semantics: the leader turns unready when it cannot renew for "
+        "--ha-renew-deadline even if the API server is merely down (default: keep leading "
+        "through an API server outage)",
+    )
     g.add_argument("--ha-lease-duration", type=float, default=15.0, metavar="SECONDS")
     g.add_argument("--ha-renew-deadline", type=float, default=10.0, metavar="SECONDS")
     g.add_argument("--ha-retry-period", type=float, default=2.0, metavar="SECONDS")
@@ -171,6 +179,9 @@ def build_kube_source(args: argparse.Namespace) -> KubeEndpointSource | None:
                 lease_duration_s=args.ha_lease_duration,
                 renew_deadline_s=args.ha_renew_deadline,
                 retry_period_s=args.ha_retry_period,
+                keep_leading_while_unreachable=not getattr(
+                    args, "ha_step_down_when_unreachable", False
+                ),
             )
         except ValueError as e:
             raise KubeConfigError(

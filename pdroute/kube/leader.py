@@ -14,6 +14,16 @@ Rules (``lease_duration`` > ``renew_deadline`` > ``retry_period``):
 - On orderly shutdown :meth:`release` empties ``holderIdentity`` so a successor takes
   over at its next retry instead of waiting for expiry.
 
+API server outage: with ``keep_leading_while_unreachable`` (the EPP's default) a
+leader whose renewals fail *only because the API server does not answer* keeps
+leading. Nobody can take the lease while the API server is down, so this cannot
+create a second leader unless the leader alone is partitioned from a working API
+server; then a successor takes over after ``lease_duration`` and the old leader steps
+down at its first successful read (two leaders for the partition's duration). For an
+active-passive EPP that trade is right: two routing replicas are harmless, zero
+replicas (strict client-go behaviour: everyone steps down after ``renew_deadline``)
+stop all traffic for the whole outage.
+
 Failover after a leader dies without releasing: at most ``lease_duration +
 retry_period`` (plus one request) after its last renewal.
 
@@ -35,7 +45,7 @@ from typing import Protocol
 
 import msgspec
 
-from pdroute.kube.client import ApiError, KubeClient, KubeError
+from pdroute.kube.client import ApiError, KubeClient, KubeError, KubeUnavailable
 from pdroute.kube.types import Lease, LeaseSpec, ObjectMeta
 
 log = logging.getLogger(__name__)
@@ -94,6 +104,9 @@ class ElectionConfig:
     lease_duration_s: float = 15.0
     renew_deadline_s: float = 10.0
     retry_period_s: float = 2.0
+    #: When renewals fail only because the API server is unreachable, keep leading
+    #: (see the module docstring). False = strict client-go behaviour.
+    keep_leading_while_unreachable: bool = False
 
     def __post_init__(self) -> None:
         if not self.lease_duration_s > self.renew_deadline_s > self.retry_period_s > 0:
@@ -151,10 +164,14 @@ class LeaderElector:
         """One acquire-or-renew attempt; returns seconds until the next."""
         cfg = self.config
         now = self._clock()
+        unreachable = False
         try:
             ok = await self._try_acquire_or_renew(now)
         except LeaseConflict:
             ok = False
+        except KubeUnavailable as e:
+            log.warning("leader election %s: %s", self.identity, e)
+            ok, unreachable = False, True
         except KubeError as e:
             log.warning("leader election %s: %s", self.identity, e)
             ok = False
@@ -162,7 +179,14 @@ class LeaderElector:
             self._last_renew = self._clock()
             self._set_leader(True)
         elif self.is_leader and self._clock() - self._last_renew >= cfg.renew_deadline_s:
-            self._set_leader(False)
+            if unreachable and cfg.keep_leading_while_unreachable:
+                log.warning(
+                    "leader election %s: API server unreachable for %.1fs; still leading",
+                    self.identity,
+                    self._clock() - self._last_renew,
+                )
+            else:
+                self._set_leader(False)
         return cfg.retry_period_s
 
     async def _try_acquire_or_renew(self, now: float) -> bool:

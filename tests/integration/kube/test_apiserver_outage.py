@@ -18,6 +18,7 @@ from kube_helpers import Admin, KubeCluster, client_for, keys, wait_for
 
 from epp.datalayer.kube_source import KubeEndpointSource
 from epp.datastore import Datastore
+from pdroute.kube import ElectionConfig, KubeLeaseStore, LeaderElector
 
 pytestmark = pytest.mark.kube
 
@@ -120,3 +121,55 @@ async def test_source_started_during_outage_becomes_ready_when_apiserver_returns
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_leaders_during_an_outage_strict_versus_keep_leading(
+    kube_cluster: KubeCluster, admin: Admin, record_property: Callable[[str, object], None]
+) -> None:
+    """Strict client-go semantics drop the leader (so every EPP replica turns unready)
+    after renew_deadline; the EPP default keeps leading through the outage."""
+    ns = await admin.namespace()
+    renew_deadline_s = 2.0
+    clients = [client_for(kube_cluster), client_for(kube_cluster)]
+    flips: list[tuple[float, bool]] = []
+    strict = LeaderElector(
+        KubeLeaseStore(clients[0], ns, "strict"),
+        "strict-0",
+        ElectionConfig(3.0, renew_deadline_s, 0.5),
+        on_change=lambda leading: flips.append((time.monotonic(), leading)),
+    )
+    keep = LeaderElector(
+        KubeLeaseStore(clients[1], ns, "keep"),
+        "keep-0",
+        ElectionConfig(3.0, renew_deadline_s, 0.5, keep_leading_while_unreachable=True),
+    )
+    tasks = [asyncio.create_task(e.run(release_on_cancel=False)) for e in (strict, keep)]
+    try:
+        await wait_for(lambda: strict.is_leader and keep.is_leader, "both lead", 20)
+        t_stop = time.monotonic()
+        await asyncio.to_thread(kube_cluster.stop_apiserver)
+        await wait_for(lambda: not strict.is_leader, "strict step-down", 30)
+        strict_down_s = flips[-1][0] - t_stop
+        await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - t_stop)))
+        assert keep.is_leader, "keep-leading elector stepped down during the outage"
+        t_start = time.monotonic()
+        await asyncio.to_thread(kube_cluster.start_apiserver)
+        await wait_for(lambda: strict.is_leader, "strict re-acquires", 30)
+        back_s = flips[-1][0] - t_start
+        assert keep.is_leader
+        numbers = {
+            "strict_step_down_after_s": round(strict_down_s, 2),
+            "strict_renew_deadline_s": renew_deadline_s,
+            "strict_leads_again_after_apiserver_start_s": round(back_s, 2),
+        }
+        for k, v in numbers.items():
+            record_property(k, v)
+        print("\nKUBE-HA-OUTAGE", numbers)
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for c in clients:
+            await c.close()

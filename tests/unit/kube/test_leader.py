@@ -153,3 +153,34 @@ async def test_conflicting_writers_cannot_both_win() -> None:
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="lease_duration > renew_deadline"):
         ElectionConfig(lease_duration_s=5, renew_deadline_s=5, retry_period_s=1)
+
+
+async def test_keep_leading_while_unreachable_but_step_down_when_someone_else_holds() -> None:
+    store, clock = FakeLeaseStore(), Clock()
+    cfg = ElectionConfig(15, 10, 2, keep_leading_while_unreachable=True)
+    a = LeaderElector(store, "a", cfg, clock=clock, wall_clock=lambda: 1.7e9)
+    b = LeaderElector(store, "b", cfg, clock=clock, wall_clock=lambda: 1.7e9)
+    await step([a, b], clock)
+    assert a.is_leader and not b.is_leader
+    store.down = True  # the API server is down for everyone
+    for _ in range(30):  # 60 s, far past renew deadline and lease duration
+        await step([a, b], clock)
+        assert a.is_leader and not b.is_leader
+    store.down = False
+    await step([a, b], clock)
+    assert a.is_leader and not b.is_leader  # a renews at once; b saw a fresh record
+    # Partition: only a is cut off; b takes over after lease_duration, a then steps down.
+    real_get = store.get
+
+    async def a_cut_off() -> Lease | None:
+        raise KubeUnavailable("partitioned")
+
+    for _ in range(10):
+        store.get = a_cut_off  # type: ignore[method-assign]
+        await a.tick()
+        store.get = real_get  # type: ignore[method-assign]
+        await b.tick()
+        clock.t += 2.0
+    assert b.is_leader and a.is_leader  # the documented two-leader window
+    await a.tick()  # a reaches the API server again and sees b's fresh lease
+    assert not a.is_leader and b.is_leader
