@@ -456,7 +456,9 @@ class TopicResolver:
 @dataclass(frozen=True, slots=True)
 class SubscriberConfig:
     topic_filter: str = "kv@"
-    rcvhwm: int = 100_000
+    #: Messages ZMQ queues per socket before dropping (drops become gaps, then
+    #: replays). Counted in messages, so memory is about rcvhwm x message size.
+    rcvhwm: int = 10_000
     replay_timeout_s: float = 1.0
     max_replay_messages: int = 100_000
     #: Messages drained per wake-up before yielding to the event loop.

@@ -46,6 +46,7 @@ kvEventsConfig.podDiscoveryConfig.socketPort            5557       engine PUB po
 kvEventsConfig.podDiscoveryConfig.replaySocketPort      -1         engine replay ROUTER port (off)
 kvEventsConfig.topicFilter                              "kv@"      ZMQ subscription prefix
 kvEventsConfig.maxMessageBytes (pdroute)                16 MiB     larger messages are dropped
+kvEventsConfig.receiveHighWaterMark (pdroute)           10000      ZMQ receive queue, messages
 kvEventsConfig.engineType                               vllm       only vllm
 speculativeIndexing                                     false      seed the chosen endpoints
 speculativeTTL                                          2s         Go duration (ms, s, m)
@@ -159,6 +160,7 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         replay_port: int = -1,
         topic_filter: str = "kv@",
         max_message_bytes: int = 16 << 20,
+        receive_hwm: int = 10_000,
         cooperative_threshold_blocks: int = 512,
         capacity_from_metrics: bool = True,
         reconcile_interval_s: float = 1.0,
@@ -181,7 +183,7 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         self.capacity_from_metrics = capacity_from_metrics
         self.reconcile_interval_s = reconcile_interval_s
         self.ingestor = KVEventIngestor(index, max_message_bytes=max_message_bytes)
-        self._sub_config = SubscriberConfig(topic_filter=topic_filter)
+        self._sub_config = SubscriberConfig(topic_filter=topic_filter, rcvhwm=receive_hwm)
         self._subscriber: KVEventSubscriber | None = None
         self._keyers: dict[tuple[int, str, str | None], BlockKeyer] = {}
         self._engine_tokenizers: dict[str, VllmTokenizeClient] = {}
@@ -260,6 +262,7 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         replay_port = -1
         topic_filter = "kv@"
         max_bytes = 16 << 20
+        hwm = 10_000
         if ke is not None:
             zmq_endpoint = ke.get_str("zmqEndpoint", "") or None
             topic_filter = ke.get_str("topicFilter", "kv@")
@@ -268,6 +271,7 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
             ke.get_bool("tracing", False)
             discover = ke.get_bool("discoverPods", True)
             max_bytes = ke.get_int("maxMessageBytes", max_bytes, min_value=1024)
+            hwm = ke.get_int("receiveHighWaterMark", hwm, min_value=1, max_value=1_000_000)
             pd = ke.get_params("podDiscoveryConfig")
             if pd is not None:
                 socket_port = pd.get_int("socketPort", 5557, min_value=1, max_value=65535)
@@ -323,6 +327,7 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
             "replay_port": replay_port,
             "topic_filter": topic_filter,
             "max_message_bytes": max_bytes,
+            "receive_hwm": hwm,
             "capacity_from_metrics": capacity_from_metrics,
         }
 

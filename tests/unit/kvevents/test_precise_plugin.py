@@ -484,3 +484,27 @@ async def test_cache_salt_and_lora_requests_do_not_match_base_blocks() -> None:
             assert info is not None and info.matches.get("10.0.0.1:8000", 0) == expect
     finally:
         await prod.stop()
+
+
+def test_pdroute_extension_parameters() -> None:
+    cfg = (
+        HEAD
+        + "plugins:\n- type: precise-prefix-cache-producer\n  parameters:\n"
+        + "    kvEventsConfig: {discoverPods: false, receiveHighWaterMark: 500,"
+        + " maxMessageBytes: 4096, podDiscoveryConfig: {replaySocketPort: 5558}}\n"
+        + "    indexerConfig: {kvBlockIndexConfig: {capacityPerEndpoint: 77, maxEndpoints: 3}}\n"
+        + "    speculativeTTL: 500ms\n"
+        + "- type: prefix-cache-scorer\n"
+    )
+    pipe = build_pipeline(load_config_text(cfg), datastore=make_store(1), rng=random.Random(0))
+    prod = producer(pipe)
+    assert prod._sub_config.rcvhwm == 500
+    assert prod.ingestor.max_message_bytes == 4096
+    assert prod.replay_port == 5558 and prod._replay_address("10.0.0.0:8000") == (
+        "tcp://10.0.0.0:5558"
+    )
+    assert prod.index.capacity("x") == 77 and prod.index.speculative_ttl_s == 0.5
+    for ep in ("a", "b", "c"):
+        prod.index.slot(ep)
+    with pytest.raises(KeyError):
+        prod.index.slot("d")
