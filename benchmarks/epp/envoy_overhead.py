@@ -266,6 +266,11 @@ def main() -> int:
         help="EPP scheduling config: the built-in default (queue + kv + prefix scorers) "
         "or a single random picker",
     )
+    ap.add_argument(
+        "--with-bare",
+        action="store_true",
+        help="also measure bare_ext_proc.py (the floor of a Python grpc.aio ext_proc server)",
+    )
     ap.add_argument("--json", type=Path, help="also write the JSON result here")
     args = ap.parse_args()
 
@@ -402,6 +407,44 @@ def main() -> int:
             )
         finally:
             with_epp.stop()
+        stop(epp)
+
+        # 3) Envoy + the bare reference ext_proc server (optional).
+        if args.with_bare:
+            bare_port = free_port()
+            bare = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).with_name("bare_ext_proc.py")),
+                    str(bare_port),
+                    ",".join(pool),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            procs.append(bare)
+            wait_line(bare, "ready", 20)
+            with_bare = EnvoyProcess(
+                EnvoyOptions(
+                    listen_port=free_port(),
+                    admin_port=free_port(),
+                    epp_port=bare_port,
+                    pool=pool,
+                    response_headers=not args.skip_response_headers,
+                ),
+                binary=envoy_bin,
+                workdir=tmp / "envoy-bare",
+            )
+            with_bare.start()
+            try:
+                with_bare.wait_epp_health(True, 15)
+                print("measuring Envoy + bare ext_proc", file=sys.stderr)
+                result["envoy_bare_ext_proc"] = measure(
+                    "envoy+bare", with_bare, args=args, wrk=wrk, script=script, epp_pid=bare.pid
+                )
+            finally:
+                with_bare.stop()
     finally:
         for p in reversed(procs):
             stop(p)
@@ -420,10 +463,21 @@ def main() -> int:
         "target_rps_2500_met": e[c]["rps"] >= 2500,
         "target_added_p50_1ms_met": e["c1"]["p50_ms"] - a["c1"]["p50_ms"] <= 1.0,
     }
+    if "envoy_bare_ext_proc" in result:
+        b = result["envoy_bare_ext_proc"]
+        result["summary"]["bare_ext_proc_cpu_s_per_1000"] = b[c]["epp_cpu_s_per_1000_net_of_idle"]
+        result["summary"]["epp_cpu_vs_bare_ratio"] = round(
+            e[c]["epp_cpu_s_per_1000_net_of_idle"]
+            / max(b[c]["epp_cpu_s_per_1000_net_of_idle"], 1e-9),
+            2,
+        )
     rows = [
         ("setup", "conc", "req/s", "p50 ms", "p99 ms", "non-2xx", "EPP CPU s/1k", "net of idle")
     ]
-    for name, data in (("Envoy alone", a), ("Envoy + EPP", e)):
+    setups = [("Envoy alone", a), ("Envoy + EPP", e)]
+    if "envoy_bare_ext_proc" in result:
+        setups.append(("Envoy + bare", result["envoy_bare_ext_proc"]))
+    for name, data in setups:
         for conc in ("c1", c):
             r = data[conc]
             rows.append(
