@@ -1,6 +1,6 @@
 """Lease leader election in virtual time: an in-memory Lease store (with the API
 server's optimistic-concurrency rule) stands in for the apiserver; the real thing is
-exercised in tests/integration/kube/test_leader_election.py."""
+exercised in tests/integration/kube/test_kube_leader_election.py."""
 
 from __future__ import annotations
 
