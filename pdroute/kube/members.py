@@ -40,7 +40,7 @@ class PoolMembers:
         self.watcher.subscribe(self._update)
 
     def _update(self, endpoints: tuple[PoolEndpoint, ...]) -> None:
-        self._members = frozenset(e.host_port for e in endpoints)
+        self._members = frozenset(e.host_port.lower() for e in endpoints)
 
     async def run(self) -> None:
         """Watch until cancelled."""
@@ -58,12 +58,16 @@ class PoolMembers:
         """The current ``host:port`` set (IPv6 hosts bracketed)."""
         return self._members
 
-    def allows(self, host: str, port: int) -> bool:
-        """True when ``host:port`` is a ready pool member (``host`` an IP, IPv6 with or
-        without brackets)."""
+    def allows(self, host_port: str) -> bool:
+        """True when ``host_port`` (``ip:port``, IPv6 bracketed: ``[fd00::1]:8000``) is a
+        ready pool member. Matches the sidecar's ``Allowlist`` protocol."""
+        return host_port in self._members
+
+    def allows_address(self, host: str, port: int) -> bool:
+        """Like :meth:`allows` with the parts apart (IPv6 with or without brackets)."""
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        return host_port(host, port) in self._members
+        return host_port(host.lower(), port) in self._members
 
     def __contains__(self, hostport: object) -> bool:
         return isinstance(hostport, str) and hostport in self._members

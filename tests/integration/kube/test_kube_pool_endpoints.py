@@ -134,16 +134,17 @@ async def test_standalone_pool_members(kube_cluster: KubeCluster, admin: Admin) 
     await admin.create_pod(ns, "p", {"app": "m", "llm-d.ai/role": "prefill"}, ip="10.2.0.1")
     async with client_for(kube_cluster) as client:
         members = PoolMembers(client, ns, selector={"app": "m"}, target_ports=[8000])
-        assert not members.allows("10.2.0.1", 8000)  # fail closed before sync
+        assert not members.allows("10.2.0.1:8000")  # fail closed before sync
         task = asyncio.create_task(members.run())
         try:
             await members.wait_synced(15)
             assert members.members() == frozenset({"10.2.0.1:8000"})
-            assert members.allows("10.2.0.1", 8000) and "10.2.0.1:8000" in members
-            assert not members.allows("10.2.0.1", 8001)
-            assert not members.allows("169.254.169.254", 80)
+            assert members.allows("10.2.0.1:8000") and "10.2.0.1:8000" in members
+            assert members.allows_address("10.2.0.1", 8000)
+            assert not members.allows("10.2.0.1:8001")
+            assert not members.allows_address("169.254.169.254", 80)
             await admin.set_pod_status(ns, "p", ip="10.2.0.1", ready=False)
-            await wait_for(lambda: not members.allows("10.2.0.1", 8000), "unready pod removed")
+            await wait_for(lambda: not members.allows("10.2.0.1:8000"), "unready pod removed")
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
