@@ -199,6 +199,8 @@ class _Builder:
         if top.get("flowControl") is not None:
             flow_control = self.mapping(top["flowControl"], "flowControl")
 
+        self.warn_unimplemented(gates, flow_control, plugins)
+
         engine_configs = None
         if top.get("engineConfigs") is not None:
             items = []
@@ -221,6 +223,25 @@ class _Builder:
             parser=parser,
             engine_configs=engine_configs,
         )
+
+    def warn_unimplemented(
+        self, gates: list[str], flow_control: Mapping[str, Any] | None, plugins: list[PluginSpec]
+    ) -> None:
+        """llm-d configs may carry settings this EPP accepts but does not act on; say
+        so once at load instead of silently behaving differently."""
+        if gates:
+            log.warning(
+                "%s: featureGates %s have no effect in this EPP", self.source, ", ".join(gates)
+            )
+        found = ["flowControl"] if flow_control is not None else []
+        found += [p.name for p in plugins if p.kind is PluginKind.FLOW_CONTROL]
+        if found:
+            log.warning(
+                "%s: flow control (%s) is not implemented: requests are not queued; "
+                "priority < 0 requests are shed with 429 while the pool is saturated",
+                self.source,
+                ", ".join(found),
+            )
 
     def plugins(self, raw: Any) -> tuple[list[PluginSpec], dict[str, PluginSpec]]:
         plugins: list[PluginSpec] = []

@@ -309,7 +309,10 @@ def test_defaults_without_profiles_names_and_weights() -> None:
     assert cfg.data_layer[0].extractors == ("core-metrics-extractor",)
 
 
-def test_request_control_and_data_layer_types_are_accepted() -> None:
+def test_request_control_and_data_layer_types_are_accepted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("WARNING", logger="epp.config.loader")
     cfg = load_config_text(
         HEAD
         + "featureGates: [prepareDataPlugins]\n"
@@ -324,6 +327,9 @@ def test_request_control_and_data_layer_types_are_accepted() -> None:
     )
     assert cfg.feature_gates == ("prepareDataPlugins",)
     assert cfg.flow_control == {"maxBytes": 100}
+    # Accepted for compatibility, but not silently: one warning each at load.
+    assert "featureGates prepareDataPlugins have no effect" in caplog.text
+    assert "flow control (flowControl) is not implemented" in caplog.text
     assert cfg.engine_configs is not None and cfg.engine_configs[0]["name"] == "vllm"
     pipe = build_pipeline(cfg, rng=random.Random(0))
     assert pipe.saturation_detector.queue_depth == 7  # type: ignore[attr-defined]
