@@ -125,8 +125,10 @@ def ensure_peer(arm: str, *, install: bool = True) -> Path:
 def free_port_range(n: int, host: str = "127.0.0.1") -> int:
     """First port of ``n`` consecutive ports that are free right now."""
     rng = random.Random()
+    # Below the kernel's ephemeral range (32768+ by default): client sockets of other
+    # processes cannot take these ports between our check and the servers' bind.
     for _ in range(200):
-        base = rng.randrange(20000, 60000 - n)
+        base = rng.randrange(20000, 32000 - n)
         if all(port_is_free(base + i, host) for i in range(n)):
             return base
     raise StackError(f"no {n} consecutive free ports found")
@@ -366,6 +368,18 @@ class Arm:
             self.stack.stop()
 
     async def start(self) -> ArmInfo:
+        """Start the arm; a port taken between choosing and binding it is retried
+        with fresh ports (twice)."""
+        for attempt in range(3):
+            try:
+                return await self._start_once()
+            except ArmFailed as e:
+                if "already in use" not in str(e) or attempt == 2:
+                    raise
+                self.stop()
+        raise AssertionError("unreachable")
+
+    async def _start_once(self) -> ArmInfo:
         name, fleet = self.name, self.fleet
         self.run_dir.mkdir(parents=True, exist_ok=True)
         pd = name in PD_ARMS

@@ -142,8 +142,9 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One results dict from several runs: workloads in first-seen order, a later
-    run's workload replacing an earlier one's; every run's command is kept."""
+    """One results dict from several runs, in first-seen order. A later run of the
+    same workload spec adds or replaces arms; with a different spec it replaces the
+    workload. Every run's command is kept."""
     merged: dict[str, Any] = dict(parts[0])
     merged["workloads"] = {}
     runs: list[dict[str, Any]] = []
@@ -153,7 +154,14 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         ]:
             if prior not in runs:
                 runs.append(prior)
-        merged["workloads"].update(part.get("workloads") or {})
+        for name, wl in (part.get("workloads") or {}).items():
+            prior_wl = merged["workloads"].get(name)
+            if prior_wl is not None and prior_wl.get("spec") == wl.get("spec"):
+                # Same workload, same spec: arms merge (a rerun of one arm replaces it).
+                arms = {**prior_wl.get("arms", {}), **wl.get("arms", {})}
+                merged["workloads"][name] = {**wl, "arms": arms}
+            else:
+                merged["workloads"][name] = wl
     merged["runs"] = runs
     return merged
 

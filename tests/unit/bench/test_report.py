@@ -119,3 +119,16 @@ def test_merge_results_later_workload_wins_and_runs_are_kept(results: dict[str, 
     md = render_markdown(merged)
     assert "command `pdroute bench run --quick`" in md
     assert "command `pdroute bench run --repeat 3`" in md
+
+
+def test_merge_same_spec_merges_arms(results: dict[str, Any]) -> None:
+    import copy
+
+    rerun = copy.deepcopy(results)
+    rerun["created"] = "later"
+    wl = rerun["workloads"]["shared-prefix"]
+    wl["arms"] = {"sglang-router": copy.deepcopy(wl["arms"]["vllm-router"])}
+    merged = cmd.merge_results([results, rerun])
+    arms = merged["workloads"]["shared-prefix"]["arms"]
+    assert list(arms) == ["pdroute", "round-robin", "vllm-router", "sglang-router"]
+    assert arms["sglang-router"]["status"] == "ok"  # the rerun replaced the failure
