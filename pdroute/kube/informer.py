@@ -119,10 +119,12 @@ class Informer(Generic[T]):
                 )
                 need_list = True
                 continue  # relist right away: the server is up
-            except (KubeUnavailable, ApiError) as e:
+            except (KubeUnavailable, ApiError, msgspec.MsgspecError) as e:
                 self.connected = False
                 self.errors += 1
-                if isinstance(e, ApiError) and e.gone:
+                if isinstance(e, msgspec.MsgspecError) or (isinstance(e, ApiError) and e.gone):
+                    # An object we cannot decode: start over from a fresh list rather
+                    # than skip an event (skipping could lose a deletion).
                     need_list = True
                 delay = self._backoff.next_delay()
                 log.warning("%s: %s; retrying in %.2fs", self.name, e, delay)

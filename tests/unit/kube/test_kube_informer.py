@@ -132,3 +132,14 @@ def test_backoff_is_jittered_capped_and_resets() -> None:
     assert b.next_delay() == 0.5  # jitter scales the capped ceiling
     b.reset()
     assert b.next_delay() == 0.2
+
+
+async def test_undecodable_object_relists_instead_of_crashing() -> None:
+    bad = RawWatchEvent(type="ADDED", object=msgspec.Raw(b'{"metadata":{"name":7}}'))
+    client = ScriptedClient(
+        lists=[(["a"], "1"), (["a", "b"], "5")],
+        watches=[[bad], [ev("ADDED", "c", "6")]],
+    )
+    inf = await run_until_done(client)
+    assert inf.errors == 1 and inf.lists == 2
+    assert sorted(inf.store) == ["ns/a", "ns/b", "ns/c"]
