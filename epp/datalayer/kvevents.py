@@ -25,7 +25,11 @@ engine's replay ROUTER (when configured) for the missing batches: the request is
 ``[b"", seq, payload]`` and end with seq ``-1`` (eight 0xFF bytes) and an empty
 payload. While a replay is in flight that endpoint's live messages wait in a
 bounded buffer; the other endpoints are not held up. A sequence that goes
-backwards means the engine restarted: that endpoint is purged. Oversized and
+backwards means the engine restarted: that endpoint is purged. In connect mode a
+socket monitor also marks each disconnect, so a restarted engine whose first
+messages were lost (its sequence then looks like a forward gap) is recognised by
+the discontinuity right after the reconnect, purged, and rebuilt from its replay
+buffer. Oversized and
 malformed messages are counted (``llm_d_epp_kv_events{outcome=...}``) and dropped;
 the subscriber keeps running.
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +53,7 @@ from typing import Any
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from epp.index.kvblock import KVBlockIndex, UnknownEndpoint
 from epp.metrics import KV_EVENTS
@@ -218,6 +224,9 @@ class ReplayRequest:
 class _Stream:
     last: int | None = None
     replaying: bool = False
+    #: The transport reconnected since the last message: the engine may have
+    #: restarted (its sequence starts again at 0, and the first messages may be lost).
+    suspect: bool = False
     pending: deque[tuple[int, bytes]] = field(default_factory=deque)
 
 
@@ -274,6 +283,18 @@ class KVEventIngestor:
             st.pending.append((seq, payload))
             return None
         last = st.last
+        if st.suspect:
+            st.suspect = False
+            if last is not None and seq != last + 1:
+                # After a reconnect a discontinuity means a new engine incarnation
+                # (an old one would continue at last + 1): purge, then rebuild from
+                # its replay buffer like a first contact.
+                self.count("restart")
+                log.info(
+                    "kv events: %s reconnected at seq %d (was %d); purging", endpoint, seq, last
+                )
+                self.index.clear(endpoint)
+                st.last = last = None
         if last is None:
             if seq > 0 and can_replay:
                 return self._start_replay(endpoint, st, 0, seq, payload)
@@ -289,6 +310,12 @@ class KVEventIngestor:
         st.last = seq
         self.apply(endpoint, payload)
         return None
+
+    def on_reconnect(self, endpoint: str) -> None:
+        """The connection to ``endpoint``'s publisher dropped (socket monitor)."""
+        st = self._streams.get(endpoint)
+        if st is not None:
+            st.suspect = True
 
     def _start_replay(
         self, endpoint: str, st: _Stream, start: int, seq: int, payload: bytes
@@ -483,6 +510,7 @@ class KVEventSubscriber:
         self.config = config or SubscriberConfig()
         self._ctx = context or zmq.asyncio.Context.instance()
         self._conn: dict[str, tuple[zmq.asyncio.Socket, asyncio.Task[None]]] = {}
+        self._monitors: dict[str, tuple[zmq.asyncio.Socket, asyncio.Task[None]]] = {}
         self._bound: list[tuple[zmq.asyncio.Socket, asyncio.Task[None]]] = []
         self._replay_addr: dict[str, str] = {}
         self._replays: set[asyncio.Task[None]] = set()
@@ -505,16 +533,49 @@ class KVEventSubscriber:
         sock.connect(address)
         if replay_address:
             self._replay_addr[endpoint] = replay_address
-        task = asyncio.get_running_loop().create_task(
-            self._read(sock, endpoint, None, None), name=f"kvevents-{endpoint}"
-        )
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._read(sock, endpoint, None, None), name=f"kvevents-{endpoint}")
         self._conn[endpoint] = (sock, task)
+        # Disconnects are restart suspects (see KVEventIngestor.on_reconnect).
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitors[endpoint] = (
+            monitor,
+            loop.create_task(self._watch(monitor, endpoint), name=f"kvevents-mon-{endpoint}"),
+        )
+
+    def set_replay_address(self, endpoint: str, address: str | None) -> None:
+        """Change (or drop) ``endpoint``'s replay ROUTER address (connect mode)."""
+        if address:
+            self._replay_addr[endpoint] = address
+        else:
+            self._replay_addr.pop(endpoint, None)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket, endpoint: str) -> None:
+        while True:
+            try:
+                frames = await monitor.recv_multipart()
+            except zmq.ZMQError:
+                return
+            try:
+                event = parse_monitor_message(frames)["event"]
+            except (ValueError, KeyError, struct.error):
+                continue
+            if event & zmq.EVENT_DISCONNECTED:
+                self.ingestor.on_reconnect(endpoint)
 
     async def disconnect_endpoint(self, endpoint: str, *, purge: bool = True) -> None:
+        mon = self._monitors.pop(endpoint, None)
+        if mon is not None:
+            mon[1].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await mon[1]
+            mon[0].close(linger=0)
         entry = self._conn.pop(endpoint, None)
         self._replay_addr.pop(endpoint, None)
         if entry is not None:
             sock, task = entry
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -36,7 +36,14 @@ class VllmLikePublisher:
     ROUTER answering ``[id, b"", start_seq]`` with ``[id, b"", seq, payload]`` * n and
     an end marker ``[id, b"", -1, b""]``."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, topic: str, *, connect_to: str | None = None):
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        topic: str,
+        *,
+        connect_to: str | None = None,
+        bind_port: int | None = None,
+    ):
         self.ctx = ctx
         self.topic = topic.encode()
         self.pub = ctx.socket(zmq.PUB)
@@ -44,6 +51,9 @@ class VllmLikePublisher:
         if connect_to:
             self.pub.connect(connect_to)
             self.address = connect_to
+        elif bind_port:
+            self.address = f"tcp://127.0.0.1:{bind_port}"
+            self.pub.bind(self.address)
         else:
             port = self.pub.bind_to_random_port("tcp://127.0.0.1")
             self.address = f"tcp://127.0.0.1:{port}"
@@ -244,4 +254,36 @@ async def test_fetch_replay_is_bounded(ctx: zmq.asyncio.Context) -> None:
         got = await fetch_replay(ctx, pub.replay_address, 45)
         assert [s for s, _ in got] == [45, 46, 47, 48, 49]
     finally:
+        await pub.close()
+
+
+async def test_connect_mode_restart_with_lost_first_messages(ctx: zmq.asyncio.Context) -> None:
+    """The engine restarts on the same address and its first messages are lost, so
+    its sequence does not go backwards from our point of view: the socket monitor's
+    disconnect marks the stream, and the discontinuity then purges and rebuilds."""
+    index = KVBlockIndex()
+    ing = KVEventIngestor(index)
+    sub = KVEventSubscriber(ing, context=ctx)
+    pub = VllmLikePublisher(ctx, "kv@x@m")
+    port = int(pub.address.rsplit(":", 1)[1])
+    try:
+        sub.connect_endpoint("x:1", pub.address, replay_address=pub.replay_address)
+        await until_joined(pub, index, "x:1")
+        await pub.publish(stored(1))
+        await eventually(lambda: bool(index.holders(1)))
+        old_last = ing.last_seq("x:1")
+        assert old_last is not None
+        await pub.close()
+        await asyncio.sleep(0.2)  # the subscriber notices the disconnect
+        # New incarnation on the same PUB port (new replay socket: tell the subscriber).
+        pub = VllmLikePublisher(ctx, "kv@x@m", bind_port=port)
+        sub.set_replay_address("x:1", pub.replay_address)
+        for i in range(old_last + 3):
+            await pub.publish(stored(500 + i), drop=True)  # lost while reconnecting
+        await until_joined(pub, index, "x:1", marker=10**15 + 7)
+        assert ing.counts["restart"] == 1
+        assert index.holders(1) == set()  # the old incarnation's blocks are gone
+        assert index.holders(500) == {"x:1"}  # rebuilt from the new replay buffer
+    finally:
+        await sub.close()
         await pub.close()

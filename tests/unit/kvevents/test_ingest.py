@@ -214,3 +214,22 @@ def test_non_prefix_cache_groups_are_filtered() -> None:
     ing.on_message("e", 1, removed)
     assert index.match([1, 2]) == {"e": 1}
     assert ing.counts["filtered"] == 3 and ing.counts["applied"] == 2
+
+
+def test_reconnect_then_discontinuity_is_a_restart() -> None:
+    index, ing = make()
+    for seq in range(3):
+        ing.on_message("e", seq, batch(stored(10 + seq)))
+    # A reconnect that continues the sequence is just a network blip.
+    ing.on_reconnect("e")
+    ing.on_message("e", 3, batch(stored(13)))
+    assert ing.counts["restart"] == 0 and index.held_count("e") == 4
+    # After a reconnect, a jump (the new engine's first messages were lost) means a
+    # new incarnation: purge and rebuild from its replay buffer from seq 0.
+    ing.on_reconnect("e")
+    req = ing.on_message("e", 7, batch(stored(99)), can_replay=True)
+    assert ing.counts["restart"] == 1 and index.held_count("e") == 0
+    assert req == ReplayRequest("e", 0, 7)
+    ing.replay_done(req, [(i, batch(stored(90 + i))) for i in range(7)])
+    assert index.match([90, 91]) == {"e": 2} and index.holders(10) == set()
+    assert index.holders(99) == {"e"}
