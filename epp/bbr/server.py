@@ -25,7 +25,8 @@ with a non-empty string ``model`` (at most 512 printable characters) gets a 400 
 messages, should Envoy send them, are passed through untouched.
 
 This server is deliberately small and separate from the EPP; it reuses only the EPP's
-error types and its ``ImmediateResponse`` builder (``epp.handlers``).
+error types, its ``ImmediateResponse`` builder (``epp.handlers``) and its JSON body
+check (``epp.requestcontrol.parse.json_object``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -48,6 +48,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 
 from epp.errors import BadRequest, EppError, Internal, PayloadTooLarge
 from epp.handlers import CHUNK_LIMIT, immediate_response
+from epp.requestcontrol.parse import json_object
 from pdroute.protocol.headers import MODEL_NAME
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,7 @@ Writer = Callable[[pb.ProcessingResponse], Awaitable[None]]
 
 def model_from_body(body: bytes) -> str:
     """The request's ``model``; raises :class:`BadRequest` with a client-facing reason."""
-    if not body:
-        raise BadRequest("request body is empty; expected a JSON object with a 'model' field")
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise BadRequest("request body must be a JSON object")
+    doc = json_object(body, expected="a JSON object with a 'model' field")
     model = doc.get("model")
     if not isinstance(model, str) or not model.strip():
         raise BadRequest("request body has no 'model' string")

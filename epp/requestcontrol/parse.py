@@ -79,16 +79,22 @@ def _prompt_text(value: Any, field: str) -> tuple[str, int | None]:
     raise BadRequest(f"'{field}' must be a string, a list of strings, or token ids")
 
 
-def parse_body(body: bytes, path: str) -> ParsedRequest:
-    """Parse and check an OpenAI-style request body (raises BadRequest)."""
+def json_object(body: bytes, *, expected: str = "a JSON object") -> dict[str, Any]:
+    """The body as a JSON object (orjson); raises BadRequest naming the problem."""
     if not body:
-        raise BadRequest("request body is empty; expected a JSON object")
+        raise BadRequest(f"request body is empty; expected {expected}")
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from e
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise BadRequest("request body must be a JSON object")
+    return doc
+
+
+def parse_body(body: bytes, path: str) -> ParsedRequest:
+    """Parse and check an OpenAI-style request body (raises BadRequest)."""
+    doc = json_object(body)
     model = doc.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("request body needs a non-empty string 'model'")
