@@ -472,15 +472,20 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
             self._keyers[k] = keyer
         return keyer
 
-    def _tokenizer_for(self, endpoints: Sequence[EndpointView]) -> RequestTokenizer | None:
+    def _tokenizers_for(self, endpoints: Sequence[EndpointView]) -> list[RequestTokenizer]:
+        """The configured tokenizer, or the engines' ``/tokenize``: any pool member
+        tokenizes the same model, so ask the least busy one and, when it fails, the
+        next (results are shared across engines: no cache hits are lost)."""
         if self.tokenizer is not None:
-            return self.tokenizer
+            return [self.tokenizer]
         if self.tokenizer_source != "vllm" or not endpoints:
-            return None
-        # Any pool member tokenizes the same model: ask the least busy one (results
-        # are shared across engines, so this costs no cache hits).
-        best = min(endpoints, key=lambda e: (e.stale, e.metrics.waiting + e.metrics.running, e.key))
-        key = best.key
+            return []
+        ranked = sorted(
+            endpoints, key=lambda e: (e.stale, e.metrics.waiting + e.metrics.running, e.key)
+        )
+        return [self._engine_client(e.key) for e in ranked[:2]]
+
+    def _engine_client(self, key: str) -> VllmTokenizeClient:
         client = self._engine_tokenizers.get(key)
         if client is None:
             if self._http is None:
@@ -548,23 +553,22 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
             return list(prompt)
-        tok = self._tokenizer_for(endpoints)
-        if tok is None:
-            return None
         messages = body.get("messages")
-        try:
-            if isinstance(messages, list):
-                res = await tok.tokenize(request.model, messages=messages)
-            elif isinstance(prompt, str):
-                res = await tok.tokenize(request.model, prompt=prompt)
-            elif request.prompt:
-                res = await tok.tokenize(request.model, prompt=request.prompt)
-            else:
-                return None
-        except TokenizeError as e:
-            log.debug("%s: tokenization failed: %s", self.name, e)
-            return None
-        return res.token_ids
+        for tok in self._tokenizers_for(endpoints):
+            try:
+                if isinstance(messages, list):
+                    res = await tok.tokenize(request.model, messages=messages)
+                elif isinstance(prompt, str):
+                    res = await tok.tokenize(request.model, prompt=prompt)
+                elif request.prompt:
+                    res = await tok.tokenize(request.model, prompt=request.prompt)
+                else:
+                    return None
+            except TokenizeError as e:
+                log.debug("%s: tokenization failed: %s", self.name, e)
+                continue
+            return res.token_ids
+        return None
 
     def produce(
         self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]

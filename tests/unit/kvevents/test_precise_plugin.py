@@ -432,6 +432,10 @@ async def test_engine_tokenization_asks_the_least_busy_engine_and_shares_results
         await prep("hello")  # cached, whichever engine would answer
         await prep("world")
         assert (len(fakes[0].calls), len(fakes[1].calls)) == (1, 1)
+        # The chosen engine fails: the next one answers.
+        fakes[0].mode = "error"
+        assert (await prep("again")).token_ids == [ord(c) for c in "again"]
+        assert (len(fakes[0].calls), len(fakes[1].calls)) == (2, 2)
     finally:
         await prod.stop()
         for r in runners:
