@@ -118,6 +118,8 @@ async def test_empty_pool_and_empty_subset_are_503() -> None:
     assert ei.value.status == 503
     with pytest.raises(NoReadyEndpoint, match="subset hint"):
         await director(store()).route(req(chat(), hint=["10.9.9.9:8000"]))
+    with pytest.raises(NoReadyEndpoint, match="subset hint"):  # empty list: nothing eligible
+        await director(store()).route(req(chat(), hint=[]))
     with pytest.raises(NoReadyEndpoint):
         director(empty).route_bodyless(req(b""))
 
