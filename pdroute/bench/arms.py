@@ -307,12 +307,15 @@ def precise_config(fleet: FleetSpec) -> str:
 async def probe_completion(
     base_url: str, model: str, timeout_s: float = 60.0, children: Sequence[Child] = ()
 ) -> None:
-    """Wait until ``base_url`` answers a one-token completion with 200 (fails early
-    when one of ``children`` exits)."""
+    """Wait until ``base_url`` answers a one-token completion with 200 three times in
+    a row on fresh connections (a router can accept one request before its listener is
+    settled); fails early when one of ``children`` exits."""
     deadline = time.monotonic() + timeout_s
     last = ""
+    streak = 0
     body = orjson.dumps({"model": model, "prompt": "ready", "max_tokens": 1})
-    async with aiohttp.ClientSession() as http:
+    conn = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=conn) as http:
         while time.monotonic() < deadline:
             for c in children:
                 if not c.alive():
@@ -328,9 +331,14 @@ async def probe_completion(
                     timeout=aiohttp.ClientTimeout(total=5),
                 ) as r:
                     if r.status == 200:
-                        return
-                    last = f"HTTP {r.status}: {(await r.read())[:200]!r}"
+                        streak += 1
+                        if streak >= 3:
+                            return
+                    else:
+                        streak = 0
+                        last = f"HTTP {r.status}: {(await r.read())[:200]!r}"
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                streak = 0
                 last = f"{type(e).__name__}: {e}"
             await asyncio.sleep(0.25)
     raise ArmFailed(f"{base_url} not serving after {timeout_s:.0f}s ({last})")

@@ -145,8 +145,10 @@ def _why(label: str, o: Mapping[str, Any], other: Mapping[str, Any], fixed: str)
             f"it spreads requests more evenly (CV {their_cv:.2f} vs {ours_cv:.2f}) at a "
             "similar hit rate"
         )
-    return "no mechanism stands out in these numbers; on a shared 2-core machine this "
-    "size of difference can be noise"
+    return (
+        "no mechanism stands out in these numbers; on a shared 2-core machine a "
+        "difference of this size can be noise"
+    )
 
 
 def losses(arms: Mapping[str, Any]) -> list[str]:

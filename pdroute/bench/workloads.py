@@ -187,13 +187,14 @@ def default_spec(name: str, *, seed: int = 0, quick: bool = False) -> WorkloadSp
             think_s=3.0,
         )
     if name == "pd":
+        # 4 servers; the P/D arm makes 2 of them prefill servers (prefill-heavy load).
         return replace(
             base,
-            rate=4.0,
+            rate=2.0,
             system_tokens=3072,
             question_tokens=32,
             output_tokens=32,
-            fleet=replace(base.fleet, prefill=1),
+            fleet=replace(base.fleet, prefill=2),
         )
     if name == "short":
         return replace(base, rate=30.0, system_tokens=48, question_tokens=16, output_tokens=32)
