@@ -27,7 +27,15 @@ import aiohttp
 import orjson
 import pytest
 import yaml
-from chart_helpers import EXAMPLES, GATEWAY_MANIFESTS, REPO_ROOT, Doc, helm_template, load_docs
+from chart_helpers import (
+    EXAMPLES,
+    GATEWAY_MANIFESTS,
+    REPO_ROOT,
+    Doc,
+    free_port,
+    helm_template,
+    load_docs,
+)
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "integration" / "kube"))
 from kube_helpers import SCRIPT, KubeCluster
@@ -348,3 +356,141 @@ async def test_rbac_grants_exactly_what_the_components_use(api: Api, helm: str) 
     assert not await _can(api, epp, other, "list", "", "pods")
     assert not await _can(api, sidecar, ns, "create", "coordination.k8s.io", "leases")
     assert not await _can(api, sidecar, ns, "get", "", "secrets")
+
+
+async def _readiness(port: int) -> str:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=2)
+        except grpc.aio.AioRpcError as e:
+            return f"rpc error {e.code().name}"
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+
+async def _start_epp_from_chart(
+    api: Api, cluster: KubeCluster, helm: str, tmp: Path, *, lease_rbac: bool
+) -> tuple[asyncio.subprocess.Process, int, str]:
+    """Create the chart's Role, RoleBinding and InferencePool for real, then run the real
+    EPP with the chart's args, authenticated as the kube tier's `epp` user."""
+    ns = await _namespace(api)
+    docs = load_docs(
+        await asyncio.to_thread(
+            helm_template,
+            helm,
+            "-f",
+            str(EXAMPLES[0].parent / "simulator.yaml"),
+            "--set",
+            "epp.replicas=2",  # leader election on: the EPP must write its Lease
+            namespace=ns,
+        )
+    )
+    for doc in docs:
+        kind = doc["kind"]
+        if kind == "Role" and doc["metadata"]["name"] == "pdroute-epp":
+            if not lease_rbac:
+                doc["rules"] = [r for r in doc["rules"] if "leases" not in r["resources"]]
+            path = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"
+        elif kind == "RoleBinding" and doc["metadata"]["name"] == "pdroute-epp":
+            # Out of a pod the EPP authenticates as user "epp" instead of its ServiceAccount.
+            doc["subjects"] = [
+                {"kind": "User", "name": "epp", "apiGroup": "rbac.authorization.k8s.io"}
+            ]
+            path = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"
+        elif kind == "InferencePool":
+            path = f"/apis/inference.networking.k8s.io/v1/namespaces/{ns}/inferencepools"
+        else:
+            continue
+        status, body = await api.request("POST", path, doc)
+        assert status == 201, body
+
+    deploy = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "pdroute-epp"
+    )
+    epp = deploy["spec"]["template"]["spec"]["containers"][0]
+    config = tmp / "epp-config.yaml"
+    cm = next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "pdroute-epp"
+    )
+    config.write_text(cm["data"]["epp-config.yaml"])
+    health = free_port()
+    overrides = {
+        "--grpc-port": str(free_port()),
+        "--grpc-health-port": str(health),
+        "--metrics-port": str(free_port()),
+        "--config-file": str(config),
+    }
+    args = []
+    for arg in epp["args"]:
+        key = arg.split("=", 1)[0]
+        if key == "--secure-serving":
+            args.append("--no-secure-serving")  # the health check below is plaintext gRPC
+        elif key in overrides:
+            args.append(f"{key}={overrides[key]}")
+        else:
+            args.append(arg)
+    args += [
+        "--host=127.0.0.1",
+        f"--kube-api-server={cluster.url}",
+        f"--kube-token-file={cluster.epp_token_file}",
+        f"--kube-ca-file={cluster.ca_file}",
+        "--ha-retry-period=0.5",
+    ]
+    assert "--ha-enable-leader-election" in args
+    env = {**os.environ, "NAMESPACE": ns, "POD_NAME": "epp-test-0"}
+    with (tmp / "epp.log").open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pdroute.cli",
+            *epp["command"][1:],
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log,
+        )
+    return proc, health, ns
+
+
+async def test_real_epp_runs_with_the_charts_args_and_rbac(
+    api: Api, cluster: KubeCluster, helm: str, tmp_path: Path
+) -> None:
+    """The chart's EPP args + Role are enough for the real EPP: it syncs the pool, wins
+    the Lease (leader election) and reports ready; without the Lease rule it cannot."""
+    proc, health, ns = await _start_epp_from_chart(api, cluster, helm, tmp_path, lease_rbac=True)
+    try:
+        status = ""
+        for _ in range(120):
+            status = await _readiness(health)
+            if status == "SERVING" or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.5)
+        log = (tmp_path / "epp.log").read_text(errors="replace")[-3000:]
+        assert status == "SERVING", f"{status}; EPP log:\n{log}"
+        code, lease = await api.request(
+            "GET", f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/epp-{ns}-pdroute"
+        )
+        assert code == 200, lease
+        assert lease["spec"]["holderIdentity"] == "epp-test-0"
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+
+    denied = tmp_path / "denied"
+    denied.mkdir()
+    proc, health, _ = await _start_epp_from_chart(api, cluster, helm, denied, lease_rbac=False)
+    try:
+        statuses = set()
+        for _ in range(16):
+            statuses.add(await _readiness(health))
+            await asyncio.sleep(0.5)
+        assert "SERVING" not in statuses
+        assert proc.returncode is None  # alive and healthy otherwise, just not the leader
+        log = (denied / "epp.log").read_text(errors="replace")
+        assert "403" in log or "forbidden" in log.lower(), log[-3000:]
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
