@@ -21,7 +21,6 @@ captures and on hand-written edge cases. A malformed wanted line raises
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 from functools import lru_cache
@@ -194,7 +193,3 @@ def parse_selected(text: str, names: Iterable[str]) -> dict[str, list[Sample]]:
         if found:
             out[name] = found
     return out
-
-
-def finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))

@@ -23,7 +23,6 @@ of per-endpoint dicts.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -297,15 +296,3 @@ class ProfileHandler(Plugin):
 
 class SchedulerProfileLike(ABC):
     name: str
-
-
-def clamp01(v: float) -> float:
-    if not v > 0.0:  # also catches NaN
-        return 0.0
-    if v >= 1.0:
-        return 1.0
-    return v
-
-
-def finite(v: float) -> bool:
-    return math.isfinite(v)
