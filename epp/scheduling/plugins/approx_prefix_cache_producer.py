@@ -61,6 +61,10 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
         block_tokens = params.get_int("blockSizeTokens", 16, min_value=1, max_value=1 << 16)
         # Legacy (2025) parameter: block size in characters.
         legacy_chars = params.get_int("blockSize", 0, min_value=0, max_value=1 << 20)
+        if legacy_chars and params.has("blockSizeTokens"):
+            raise params.error(
+                "blockSize", "give blockSizeTokens or the legacy blockSize, not both"
+            )
         max_blocks = params.get_int("maxPrefixBlocksToMatch", 256, min_value=1, max_value=1 << 20)
         max_tokens = params.get_int("maxPrefixTokensToMatch", 0, min_value=0, max_value=1 << 30)
         capacity = params.get_int(

@@ -405,3 +405,16 @@ def test_only_pool_members_learn_prefixes() -> None:
     for hook in pipe.pre_request:
         hook.pre_request(cycle, req, result, {})
     assert index.endpoints() == [] and len(index) == 0
+
+
+def test_block_size_and_block_size_tokens_conflict() -> None:
+    from epp.config import ConfigError
+
+    text = HEAD + (
+        "plugins:\n- type: approx-prefix-cache-producer\n"
+        "  parameters: {blockSize: 64, blockSizeTokens: 16}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"plugins\[0\].parameters.blockSize: give blockSizeTokens"
+    ):
+        build_pipeline(load_config_text(text))
