@@ -32,6 +32,11 @@ Two upstream modes:
     pool can ever be reached. Without metadata (EPP down and
     ``failure_mode_allow: true``) the fallback policy (least-request over the
     pool) picks a member: fail-open serves traffic, still only to the pool.
+    Envoy can fail open in FULL_DUPLEX only before the first body chunk went to
+    the EPP, so the EPP cluster is health-checked (gRPC health, 1 s) and ejected
+    after one refused connection; with no healthy EPP the stream fails to open at
+    once and ``failure_mode_allow`` applies. Requests in flight when the EPP dies,
+    and those in the short window before Envoy's workers see it unhealthy, get 500.
     A changed pool needs a re-rendered bootstrap (or EDS; not done here).
 
 ``original_dst`` (pool membership unknown to Envoy, e.g. a pool that changes)
