@@ -3,4 +3,4 @@ ensure_uv
 if [ ! -x "$VENV/bin/python" ]; then
   uv venv -q -p python3.11 "$VENV"
 fi
-VIRTUAL_ENV="$VENV" uv pip install -q -e "$REPO_ROOT[dev,bench]"
+VIRTUAL_ENV="$VENV" uv pip install -q -e "${REPO_ROOT}[dev,bench]"
