@@ -62,7 +62,7 @@ async def test_builds_standalone_source_with_election(
             "--endpoint-target-ports",
             "8000,8001",
             "--kube-api-server",
-            "https://127.0.0.1:1",
+            "http://127.0.0.1:1",
             "--kube-token-file",
             str(token),
             "--ha-enable-leader-election",
