@@ -322,7 +322,11 @@ class Engine:
             chain = req.generated_hashes or req.block_hashes
             parent = chain[-1] if chain else None
             start = i * bs
-            tokens = [*req.prompt_ids, *req.output_ids][start : start + bs]
+            plen = req.num_prompt_tokens
+            if start >= plen:
+                tokens = req.output_ids[start - plen : start - plen + bs]
+            else:
+                tokens = req.prompt_ids[start:plen] + req.output_ids[: start + bs - plen]
             extra = (req.lora_name,) if req.lora_name else None
             h = hash_block(
                 self.hash_fn,
