@@ -307,8 +307,11 @@ def ramp_table(arms: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> str:
-    """The results page (``plots``: workload -> relative PNG path)."""
+def render_markdown(
+    results: Mapping[str, Any], plots: Mapping[str, str] | None = None, notes: str = ""
+) -> str:
+    """The results page (``plots``: workload -> relative PNG path; ``notes``: a
+    hand-written analysis placed after the headline)."""
     plots = plots or {}
     cfg = results.get("config", {})
     env = results.get("environment", {})
@@ -349,6 +352,8 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str] | None 
     head = headline(results)
     if head:
         lines += [f"## Headline: {WORKLOAD_TITLES[HEADLINE]}", "", *head, ""]
+    if notes.strip():
+        lines += [notes.strip(), ""]
     for name, wl in (results.get("workloads") or {}).items():
         arms = wl.get("arms") or {}
         spec = wl.get("spec") or {}
@@ -465,7 +470,8 @@ def render_plots(results: Mapping[str, Any], out_dir: Path, prefix: str = "") ->
 def write_report(
     results: Mapping[str, Any], md_path: Path, png_dir: Path, png_prefix: str = ""
 ) -> tuple[Path, dict[str, Path]]:
-    """Render plots into ``png_dir`` and the page into ``md_path`` (links relative)."""
+    """Render plots into ``png_dir`` and the page into ``md_path`` (links relative);
+    ``png_dir/notes.md``, when present, is the page's hand-written analysis."""
     plots = render_plots(results, png_dir, png_prefix)
     rel: dict[str, str] = {}
     for name, p in plots.items():
@@ -474,5 +480,7 @@ def write_report(
         except ValueError:
             rel[name] = str(p.resolve())
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(render_markdown(results, rel))
+    notes_file = png_dir / "notes.md"
+    notes = notes_file.read_text() if notes_file.is_file() else ""
+    md_path.write_text(render_markdown(results, rel, notes))
     return md_path, plots

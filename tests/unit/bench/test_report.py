@@ -132,3 +132,8 @@ def test_merge_same_spec_merges_arms(results: dict[str, Any]) -> None:
     arms = merged["workloads"]["shared-prefix"]["arms"]
     assert list(arms) == ["pdroute", "round-robin", "vllm-router", "sglang-router"]
     assert arms["sglang-router"]["status"] == "ok"  # the rerun replaced the failure
+
+
+def test_notes_follow_the_headline(results: dict[str, Any]) -> None:
+    md = render_markdown(results, notes="## What this shows\n\nAffinity wins.\n")
+    assert md.index("## Headline") < md.index("## What this shows") < md.index("## Shared")
