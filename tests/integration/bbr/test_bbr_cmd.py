@@ -68,7 +68,9 @@ async def test_pdroute_bbr_process(tls: bool, tmp_path: Path) -> None:
         ) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             status = None
-            for _ in range(200):
+            # Start-up imports grpc, protobufs and TLS: seconds on a loaded machine.
+            deadline = asyncio.get_running_loop().time() + 60.0
+            while asyncio.get_running_loop().time() < deadline:
                 try:
                     r = await health.Check(
                         health_pb2.HealthCheckRequest(
