@@ -206,15 +206,14 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
     except OSError as e:
         raise StartupError(f"--config-file: {e}") from None
 
-    try:
-        scraper = MetricsScraper(
-            datastore,
-            interval_s=args.refresh_metrics_interval,
-            timeout_s=args.metrics_scrape_timeout,
-            engine_configs=director.config.engine_configs,
-        )
-    except ValueError as e:
-        raise StartupError(f"engineConfigs: {e}") from None
+    # The config's data-layer settings (scheme, path, engineConfigs, ...) were checked
+    # when the director was built; config mistakes already failed above, naming the key.
+    scraper = MetricsScraper(
+        datastore,
+        interval_s=args.refresh_metrics_interval,
+        timeout_s=args.metrics_scrape_timeout,
+        **director.scrape_options.scraper_kwargs(),
+    )
     if director.needs_response_body:
         log.info(
             "the scheduling config needs response bodies (usage): configure Envoy's ext_proc "

@@ -158,6 +158,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise StackError("--decode must be at least 1")
     if args.prefill < 0:
         raise StackError("--prefill must be 0 or more")
+    if args.pd_threshold < 1:
+        raise StackError("--pd-threshold must be at least 1 (use --prefill 0 for no P/D)")
     if args.vllm and (args.decode, args.prefill) != (1, 1):
         args.decode, args.prefill = 1, 1  # two CPU vLLMs is what 2 cores hold
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="pdroute-up-"))
