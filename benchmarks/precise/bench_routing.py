@@ -101,6 +101,10 @@ schedulingProfiles:
   - {pluginRef: kv-cache-utilization-scorer, weight: 2}
 """,
     "round-robin": None,
+    # Sees every cache: asks each replica how much of the prompt it holds right now
+    # (the simulator's /sim/cached_prefix) and picks the longest hit, least loaded on
+    # ties. The bar precise routing is measured against.
+    "oracle": "ORACLE",
 }
 
 
@@ -194,12 +198,24 @@ class _SimTokenizer:
         return TokenizedPrompt(ids, len(ids))
 
 
+async def _oracle_pick(http: aiohttp.ClientSession, addresses: list[str], prompt: str) -> str:
+    async def probe(a: str) -> tuple[int, int, str]:
+        async with http.post(f"http://{a}/sim/cached_prefix", json={"prompt": prompt}) as r:
+            d = msgspec.json.decode(await r.read())
+        return int(d["cached_blocks"]), -(int(d["waiting"]) + int(d["running"])), a
+
+    return max(await asyncio.gather(*(probe(a) for a in addresses)))[2]
+
+
 async def run_policy(
     name: str, config: str | None, wl: Workload, *, replicas: int, blocks: int, epps: int
 ) -> dict[str, Any]:
     local_tokenizer = config == "PRECISE"
     if local_tokenizer:
         config = POLICIES["precise"]
+    oracle = config == "ORACLE"
+    if oracle:
+        config = None
     # The sims bind their PUB sockets on loopback ports they pick; each EPP replica
     # dials every replica (llm-d discoverPods), so all replicas see the same events.
     argv = [
@@ -270,7 +286,9 @@ async def run_policy(
                     decision = None
                     n_req = rr[0]
                     rr[0] += 1
-                    if not directors:
+                    if oracle:
+                        ep = await _oracle_pick(http, addresses, prompt)
+                    elif not directors:
                         ep = addresses[n_req % len(addresses)]
                     else:
                         # An L4 balancer spreads requests over the EPP replicas.

@@ -141,6 +141,9 @@ class SimServer:
         r.add_post("/v1/responses", self._responses)
         r.add_post("/tokenize", self._tokenize)
         r.add_post("/detokenize", self._detokenize)
+        # Simulator-only introspection (no vLLM equivalent): how much of a prompt this
+        # server's KV cache holds right now. Benchmarks use it for an oracle router.
+        r.add_post("/sim/cached_prefix", self._cached_prefix)
         r.add_get("/v1/models", self._models)
         r.add_post("/v1/load_lora_adapter", self._load_lora)
         r.add_post("/v1/unload_lora_adapter", self._unload_lora)
@@ -650,6 +653,31 @@ class SimServer:
                     "max_model_len": self.cfg.max_model_len,
                     "tokens": ids,
                     "token_strs": strs,
+                }
+            )
+        except api.ApiError as e:
+            return _json(e.body(), e.status)
+
+    async def _cached_prefix(self, request: web.Request) -> web.Response:
+        """``{"prompt": str}`` -> ``{"prompt_tokens", "cached_blocks", "cached_tokens",
+        "waiting", "running"}``; read-only (no LRU touch, no events)."""
+        try:
+            body = await self._body(request)
+            prompt = body.get("prompt") if isinstance(body, dict) else None
+            if not isinstance(prompt, str):
+                raise api.ApiError(400, "prompt must be a string", "prompt")
+            ids = self.tok.encode(prompt, True)
+            hashes = chain_block_hashes(
+                ids, self.cfg.block_size, self.hash_fn, seed=self.cfg.hash_seed
+            )
+            n = len(self.pool.lookup(hashes))
+            return _json(
+                {
+                    "prompt_tokens": len(ids),
+                    "cached_blocks": n,
+                    "cached_tokens": n * self.cfg.block_size,
+                    "waiting": len(self.engine.waiting),
+                    "running": len(self.engine.running),
                 }
             )
         except api.ApiError as e:
