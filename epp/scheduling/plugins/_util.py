@@ -1,16 +1,17 @@
 """Shared pieces of the built-in plugins: parameterless construction, the pickers'
-``maxNumOfEndpoints``, and the min-max normalization of the load scorers."""
+``maxNumOfEndpoints``, the min-max normalization of the load scorers, and which
+endpoints a routed request's prefix is credited to (the prefix-cache producers)."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Self
 
 from epp.config import Params
-from epp.datastore import EndpointView
+from epp.datastore import Datastore, EndpointView
 from epp.scheduling.registry import BuildContext
-from epp.scheduling.types import Picker
+from epp.scheduling.types import Picker, SchedulingResult
 
 #: Upper bound of ``maxNumOfEndpoints`` (fallbacks sent to the proxy).
 MAX_ENDPOINTS = 64
@@ -61,3 +62,37 @@ def min_max_scores(
         return [0.0 if v is None else 1.0 for v in vals]
     span = hi - lo
     return [0.0 if v is None else (hi - v) / span for v in vals]
+
+
+def _in_pool(datastore: Datastore | None, endpoint: str) -> bool:
+    return datastore is None or datastore.get(endpoint) is not None
+
+
+def routed_endpoints(result: SchedulingResult, datastore: Datastore | None) -> Iterator[str]:
+    """The endpoints a just-routed request will (probably) leave its prefix on.
+
+    The primary profile's first target, then each other profile's first target
+    (the prefill endpoint of a P/D request) that differs from it; only current
+    pool members (all of them when ``datastore`` is None).
+    """
+    primary = result.primary.targets[0].key
+    if _in_pool(datastore, primary):
+        yield primary
+    for name, r in result.profile_results.items():
+        if name == result.primary_profile or r is None or not r.targets:
+            continue
+        key = r.targets[0].key
+        if key != primary and _in_pool(datastore, key):
+            yield key
+
+
+def served_elsewhere(
+    result: SchedulingResult, served: str | None, status: int | None, datastore: Datastore | None
+) -> str | None:
+    """The endpoint that served a request successfully when it was not the primary pick
+    (the proxy fell back), if it is a pool member; else None."""
+    if served is None or served == result.primary.targets[0].key:
+        return None
+    if status is not None and status >= 400:
+        return None
+    return served if _in_pool(datastore, served) else None

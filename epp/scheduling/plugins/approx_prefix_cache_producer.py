@@ -12,12 +12,12 @@ scheduled, or a served address outside the pool, would otherwise hold up to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Self
 
 from epp.config import Params
 from epp.datastore import Datastore, EndpointView
 from epp.index.approx_prefix import DEFAULT_LRU_CAPACITY, ApproxPrefixIndex, prefix_hashes
+from epp.scheduling.plugins._util import routed_endpoints, served_elsewhere
 from epp.scheduling.registry import BuildContext, register
 from epp.scheduling.types import (
     CHARS_PER_TOKEN,
@@ -121,15 +121,8 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
         primary = result.primary.targets[0].key
         if info.total_blocks:
             self.index.record_hit_ratio(info.matches.get(primary, 0) / info.total_blocks)
-        self._learn(primary, info.hashes)
-        for name, r in result.profile_results.items():
-            if (
-                name != result.primary_profile
-                and r is not None
-                and r.targets
-                and r.targets[0].key != primary
-            ):
-                self._learn(r.targets[0].key, info.hashes)
+        for endpoint in routed_endpoints(result, self.datastore):
+            self.index.add(endpoint, info.hashes)
 
     def response_complete(
         self,
@@ -139,13 +132,9 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
         served: str | None,
         status: int | None,
     ) -> None:
-        if served is None or served == result.primary.targets[0].key:
+        endpoint = served_elsewhere(result, served, status, self.datastore)
+        if endpoint is None:
             return
         info = self.match_info(cycle)
-        if info is not None and info.hashes and (status is None or status < 400):
-            self._learn(served, info.hashes)
-
-    def _learn(self, endpoint: str, hashes: Sequence[int]) -> None:
-        """``endpoint`` now (probably) caches ``hashes``, if it is a pool member."""
-        if self.datastore is None or self.datastore.get(endpoint) is not None:
-            self.index.add(endpoint, hashes)
+        if info is not None and info.hashes:
+            self.index.add(endpoint, info.hashes)

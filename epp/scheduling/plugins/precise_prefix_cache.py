@@ -98,6 +98,7 @@ from epp.datalayer.tokenizer import (
 from epp.datastore import Datastore, EndpointView
 from epp.index.kvblock import KVBlockIndex
 from epp.metrics import PLUGIN_DURATION, PREFIX_HIT_RATIO, PREFIX_INDEX_SIZE
+from epp.scheduling.plugins._util import routed_endpoints, served_elsewhere
 from epp.scheduling.registry import BuildContext, register
 from epp.scheduling.types import (
     CycleState,
@@ -166,6 +167,7 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         reconcile_interval_s: float = 1.0,
     ) -> None:
         self.name = name
+        self._hit_ratio = PREFIX_HIT_RATIO.labels(name)
         self.index = index
         self.datastore = datastore
         self.block_size = block_size
@@ -595,18 +597,11 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         if info is None or not info.hashes:
             return
         primary = result.primary.targets[0].key
-        PREFIX_HIT_RATIO.labels(self.name).observe(info.matches.get(primary, 0) / info.total_blocks)
+        self._hit_ratio.observe(info.matches.get(primary, 0) / info.total_blocks)
         if not self.speculative:
             return
-        self.index.speculate(primary, info.hashes)
-        for pname, r in result.profile_results.items():
-            if (
-                pname != result.primary_profile
-                and r is not None
-                and r.targets
-                and r.targets[0].key != primary
-            ):
-                self.index.speculate(r.targets[0].key, info.hashes)
+        for endpoint in routed_endpoints(result, self.datastore):
+            self.index.speculate(endpoint, info.hashes)
 
     def response_complete(
         self,
@@ -616,11 +611,14 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         served: str | None,
         status: int | None,
     ) -> None:
-        if not self.speculative or served is None or served == result.primary.targets[0].key:
+        if not self.speculative:
+            return
+        endpoint = served_elsewhere(result, served, status, self.datastore)
+        if endpoint is None:
             return
         info = self.match_info(cycle)
-        if info is not None and info.hashes and (status is None or status < 400):
-            self.index.speculate(served, info.hashes)
+        if info is not None and info.hashes:
+            self.index.speculate(endpoint, info.hashes)
 
 
 @register
