@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import logging
 import signal
 import ssl
@@ -260,34 +259,13 @@ def _kube_allowlist(args: argparse.Namespace) -> Allowlist:
 
 def self_signed_context(common_name: str = "pdroute-sidecar") -> ssl.SSLContext:
     """A server context with a fresh self-signed certificate (``--secure-serving``)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from pdroute.tlsutil import self_signed
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .sign(key, hashes.SHA256())
-    )
+    key_pem, cert_pem = self_signed(common_name)
     with tempfile.TemporaryDirectory(prefix="pdroute-sidecar-tls-") as d:
         cert_path, key_path = Path(d) / "tls.crt", Path(d) / "tls.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+        cert_path.write_bytes(cert_pem)
+        key_path.write_bytes(key_pem)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert_path, key_path)
     return ctx
