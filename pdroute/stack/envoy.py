@@ -54,10 +54,8 @@ call, and the sidecar's for P/D legs).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -69,6 +67,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pdroute.stack.procs import spawn_in_group, stop_process_group
 
 DESTINATION_ENDPOINT = "x-gateway-destination-endpoint"
 ENVOY_LB = "envoy.lb"
@@ -481,10 +481,7 @@ class EnvoyProcess:
             concurrency=self.concurrency,
             log_level=self.log_level,
         )
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        self.proc = spawn_in_group(argv, self.log_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -553,15 +550,7 @@ class EnvoyProcess:
         proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc, timeout_s)
         self.proc = None
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,7 +1,9 @@
 """A small process supervisor for the local stack.
 
 Each child runs in its own process group so that stopping the stack stops
-everything a child started. Output goes to one log file per child under the
+everything a child started. :func:`spawn_in_group` and :func:`stop_process_group`
+are the one way the stack (the supervisor, ``EnvoyProcess``, ``VllmServer``)
+starts and stops such a process. Output goes to one log file per child under the
 stack's run directory; on a failed start the tail of that log is shown.
 """
 
@@ -53,6 +55,53 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
+def spawn_in_group(
+    argv: Sequence[str],
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    append: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a new session (its own process group), stdout and stderr to
+    ``log_path`` (appended, or truncated when ``append`` is false), stdin from
+    /dev/null. ``env`` is the full environment (None: inherit ours)."""
+    with log_path.open("ab" if append else "wb") as log:
+        return subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=None if env is None else dict(env),
+            cwd=None if cwd is None else str(cwd),
+            start_new_session=True,
+        )
+
+
+def signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Send ``sig`` to ``proc``'s process group if ``proc`` is still running."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+
+def wait_or_kill_group(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for ``proc``; then SIGKILL its process group and reap it."""
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM ``proc``'s process group, SIGKILL it after ``grace_s``. No-op once exited."""
+    if proc.poll() is None:
+        signal_group(proc, signal.SIGTERM)
+        wait_or_kill_group(proc, grace_s)
+
+
 @dataclass
 class Child:
     name: str
@@ -82,20 +131,10 @@ class Supervisor:
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
-        log = log_path.open("wb")
         try:
-            proc = subprocess.Popen(
-                list(argv),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=full_env,
-                start_new_session=True,
-            )
+            proc = spawn_in_group(argv, log_path, env=full_env, append=False)
         except FileNotFoundError as e:
             raise StackError(f"{name}: cannot run {argv[0]!r}: {e.strerror}") from None
-        finally:
-            log.close()
         child = Child(name, list(argv), log_path, dict(env or {}), proc)
         self.children.append(child)
         return child
@@ -128,18 +167,10 @@ class Supervisor:
     def stop_all(self, grace_s: float = 5.0) -> None:
         """SIGTERM every child's process group (reverse start order), then SIGKILL."""
         for child in reversed(self.children):
-            if child.alive() and child.proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.proc.pid, signal.SIGTERM)
+            if child.proc is not None:
+                signal_group(child.proc, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for child in reversed(self.children):
-            if child.proc is None:
-                continue
-            remaining = max(0.0, deadline - time.monotonic())
-            try:
-                child.proc.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.proc.pid, signal.SIGKILL)
-                child.proc.wait()
+            if child.proc is not None:
+                wait_or_kill_group(child.proc, max(0.0, deadline - time.monotonic()))
         self.children.clear()

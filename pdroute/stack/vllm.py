@@ -48,6 +48,8 @@ from types import TracebackType
 
 import orjson
 
+from pdroute.stack.procs import spawn_in_group, stop_process_group
+
 BOOTSTRAP_COMMAND = "PDROUTE_FULL=1 scripts/bootstrap"
 #: vLLM's CPU block size (fixed on CPU; the EPP's prefix hashing must use it).
 CPU_BLOCK_SIZE = 128
@@ -266,16 +268,7 @@ class VllmServer:
         argv, env = build_command(self.install, self.spec, self.state_dir)
         full_env = dict(os.environ)
         full_env.update(env)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=full_env,
-                cwd=str(self.state_dir),
-                start_new_session=True,
-            )
+        self.proc = spawn_in_group(argv, self.log_path, env=full_env, cwd=self.state_dir)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -302,15 +295,7 @@ class VllmServer:
         proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc, grace_s)
         # Workers that outlived the parent share its process group.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
