@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,47 +35,18 @@ from chart_helpers import (
     load_docs,
 )
 
-sys.path.insert(0, str(REPO_ROOT / "tests" / "integration" / "kube"))
-from kube_helpers import SCRIPT, KubeCluster
+from tests.kubeapi import CACHE, KubeCluster, private_control_plane
 
 pytestmark = pytest.mark.kube
 
-CACHE = Path(os.environ.get("PDROUTE_CACHE", str(Path.home() / ".cache" / "pdroute")))
-KUBE_BIN = Path(os.environ.get("PDROUTE_KUBE_BIN", str(CACHE / "kube" / "bin")))
-KUBE_CRDS = Path(os.environ.get("PDROUTE_KUBE_CRDS", str(CACHE / "kube" / "crds")))
 MANAGER = "pdroute-chart-tests"
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[KubeCluster]:
     """A private etcd + kube-apiserver for this module (same script as the kube tier)."""
-    missing = [b for b in ("etcd", "kube-apiserver") if not (KUBE_BIN / b).exists()]
-    if missing or not list(KUBE_CRDS.glob("*.yaml")):
-        pytest.fail(
-            f"kube binaries/CRDs missing ({missing or 'CRDs'} under {KUBE_BIN.parent}); "
-            "run `PDROUTE_FULL=1 scripts/bootstrap`",
-            pytrace=False,
-        )
-    d = Path(tempfile.mkdtemp(prefix="pdroute-charts-kube-")) / "cp"
-    r = subprocess.run(
-        [str(SCRIPT), "start", str(d)], check=False, capture_output=True, text=True, timeout=300
-    )
-    try:
-        if r.returncode != 0:
-            pytest.fail(f"starting kube-apiserver failed:\n{r.stderr[-3000:]}", pytrace=False)
-        env = dict(
-            line.split("=", 1) for line in (d / "env").read_text().splitlines() if "=" in line
-        )
-        yield KubeCluster(
-            dir=d,
-            url=env["KUBE_URL"],
-            token=env["KUBE_TOKEN"],
-            token_file=env["KUBE_TOKEN_FILE"],
-            ca_file=env["KUBE_CA_FILE"],
-            epp_token_file=env["KUBE_EPP_TOKEN_FILE"],
-        )
-    finally:
-        subprocess.run([str(SCRIPT), "stop", str(d)], check=False, capture_output=True, timeout=60)
+    with private_control_plane("pdroute-charts-kube-") as c:
+        yield c
 
 
 class Api:

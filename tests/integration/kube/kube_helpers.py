@@ -8,14 +8,9 @@ kubelet) and InferencePools; it does not use the code under test.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import ssl
-import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,54 +18,9 @@ import orjson
 
 from epp.datastore import Datastore
 from pdroute.kube import KubeClient, KubeConfig
+from tests.kubeapi import SCRIPT, KubeCluster
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-SCRIPT = REPO_ROOT / "scripts" / "kube-apiserver.sh"
-
-
-@dataclass
-class KubeCluster:
-    dir: Path
-    url: str
-    token: str
-    token_file: str
-    ca_file: str
-    epp_token_file: str
-
-    def _script(self, cmd: str) -> None:
-        r = subprocess.run(
-            [str(SCRIPT), cmd, str(self.dir)],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"kube-apiserver.sh {cmd} failed: {r.stderr[-2000:]}")
-
-    def stop_apiserver(self) -> None:
-        self._script("stop-apiserver")
-
-    def start_apiserver(self) -> None:
-        self._script("start-apiserver")
-
-    def apiserver_running(self) -> bool:
-        pid_file = self.dir / "apiserver.pid"
-        if not pid_file.exists():
-            return False
-        try:
-            os.kill(int(pid_file.read_text()), 0)
-        except (OSError, ValueError):
-            return False
-        return True
-
-    def ensure_apiserver(self) -> None:
-        """Start the apiserver again if a test left it stopped."""
-        if not self.apiserver_running():
-            self.start_apiserver()
-
-    def ssl_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=self.ca_file)
+__all__ = ["SCRIPT", "Admin", "KubeCluster", "client_for", "keys", "wait_for"]
 
 
 class Admin:

@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,49 +22,20 @@ from pdroute.sim.latency import get_profile
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests" / "integration" / "kube"))
-from kube_helpers import SCRIPT, Admin, KubeCluster  # type: ignore[import-not-found]  # noqa: E402
+from kube_helpers import Admin  # type: ignore[import-not-found]  # noqa: E402
+
+from tests.kubeapi import KubeCluster, private_control_plane  # noqa: E402
+from tests.netutil import free_port  # noqa: E402
 
 pytestmark = pytest.mark.kube
 
-CACHE = Path(os.environ.get("PDROUTE_CACHE", str(Path.home() / ".cache" / "pdroute")))
-KUBE_BIN = Path(os.environ.get("PDROUTE_KUBE_BIN", str(CACHE / "kube" / "bin")))
 PROMPT = "Disaggregated serving splits prefill and decode across pods. " * 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[KubeCluster]:
-    missing = [b for b in ("etcd", "kube-apiserver") if not (KUBE_BIN / b).exists()]
-    if missing:
-        pytest.fail(
-            f"kube binaries missing ({missing}); run `PDROUTE_FULL=1 scripts/bootstrap`",
-            pytrace=False,
-        )
-    d = Path(tempfile.mkdtemp(prefix="pdroute-sidecar-kube-")) / "cp"
-    r = subprocess.run(
-        [str(SCRIPT), "start", str(d)], check=False, capture_output=True, text=True, timeout=300
-    )
-    try:
-        if r.returncode != 0:
-            pytest.fail(f"starting kube-apiserver failed:\n{r.stderr[-3000:]}", pytrace=False)
-        env = dict(
-            line.split("=", 1) for line in (d / "env").read_text().splitlines() if "=" in line
-        )
-        yield KubeCluster(
-            dir=d,
-            url=env["KUBE_URL"],
-            token=env["KUBE_TOKEN"],
-            token_file=env["KUBE_TOKEN_FILE"],
-            ca_file=env["KUBE_CA_FILE"],
-            epp_token_file=env["KUBE_EPP_TOKEN_FILE"],
-        )
-    finally:
-        subprocess.run([str(SCRIPT), "stop", str(d)], check=False, capture_output=True, timeout=60)
+    with private_control_plane("pdroute-sidecar-kube-") as c:
+        yield c
 
 
 @pytest.fixture
