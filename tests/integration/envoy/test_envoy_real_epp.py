@@ -16,9 +16,10 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from envoy_stack import Backend, free_port, start_backend, until_served  # type: ignore[import-not-found]
+from envoy_stack import Backend, start_backend, until_served  # type: ignore[import-not-found]
 
 from pdroute.stack.envoy import EnvoyOptions, EnvoyProcess
+from tests.netutil import free_port
 
 pytestmark = pytest.mark.envoy
 

@@ -22,17 +22,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kube_helpers import Admin, KubeCluster, wait_for
 
+from tests.netutil import free_port
+
 pytestmark = pytest.mark.kube
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Epp:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from types import MappingProxyType
@@ -38,6 +37,7 @@ from pdroute.stack.vllm import (
     VllmSpec,
     find_vllm_install,
 )
+from tests.netutil import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -59,12 +59,6 @@ SYSTEM = (
     "You are the routing assistant of a disaggregated serving cluster. The prefill pod "
     "computes the KV cache and the decode pod generates tokens. "
 ) * 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def post(url: str, body: dict[str, Any]) -> dict[str, Any]:

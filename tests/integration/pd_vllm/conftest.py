@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pd_vllm_helpers import PdPair, free_port
+from pd_vllm_helpers import PdPair
 
 from pdroute.stack.vllm import VllmNotInstalled, VllmServer, VllmSpec, find_vllm_install
+from tests.netutil import free_port
 
 
 @pytest.fixture(scope="session")

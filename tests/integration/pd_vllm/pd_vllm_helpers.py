@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import orjson
 
 from pdroute.stack.vllm import VllmInstall, VllmServer
+from tests.netutil import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -35,12 +35,6 @@ class PdPair:
     @property
     def model(self) -> str:
         return self.install.model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http(

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pd_vllm_helpers import REPO, PdPair, SidecarProc, free_port, http, metric, post_json
+from pd_vllm_helpers import REPO, PdPair, SidecarProc, http, metric, post_json
 
 from pdroute.stack.envoy import EnvoyOptions, EnvoyProcess
+from tests.netutil import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.envoy, pytest.mark.slow, pytest.mark.timeout(1200)]
 

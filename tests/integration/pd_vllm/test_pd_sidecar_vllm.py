@@ -8,7 +8,9 @@ from collections.abc import Iterator
 
 import orjson
 import pytest
-from pd_vllm_helpers import PdPair, SidecarProc, free_port, http, metric, post_json
+from pd_vllm_helpers import PdPair, SidecarProc, http, metric, post_json
+
+from tests.netutil import free_port
 
 # vLLM start-up (session fixture) counts against the first test: allow a busy machine.
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1200)]

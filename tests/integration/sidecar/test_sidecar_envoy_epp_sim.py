@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import orjson
 import pytest
 
 from pdroute.stack.envoy import EnvoyOptions, EnvoyProcess
+from tests.netutil import free_port
 
 pytestmark = pytest.mark.envoy
 
@@ -29,12 +29,6 @@ REPO = Path(__file__).resolve().parents[3]
 PD_CONFIG = REPO / "epp" / "config" / "examples" / "pd.yaml"
 EXT = 'vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="external_kv_transfer"}'
 LOCAL = 'vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_compute"}'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -21,16 +20,11 @@ import pytest
 from pdroute.sim.config import SimConfig
 from pdroute.sim.fleet import SimFleet
 from pdroute.sim.latency import get_profile
+from tests.netutil import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 PROMPT = "Disaggregated serving splits prefill and decode across pods. " * 12
 EXT = 'vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="external_kv_transfer"}'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cfg(role: str) -> SimConfig:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import aiohttp
 import zmq
@@ -16,13 +15,7 @@ from pdroute.sim.fleet import SimFleet
 from pdroute.sim.kvevents import END_SEQ, should_bind
 from pdroute.sim.latency import get_profile
 from pdroute.sim.tokenizer import Tokenizer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
+from tests.netutil import free_port
 
 PROMPT = "kv events travel over zmq " * 10
 

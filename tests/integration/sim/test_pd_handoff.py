@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,13 +12,7 @@ from pdroute.protocol.kv_transfer import PREFILL_REQUEST_PARAMS, PREFILL_RESPONS
 from pdroute.sim.config import SimConfig
 from pdroute.sim.fleet import SimFleet
 from pdroute.sim.latency import get_profile
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
+from tests.netutil import free_port
 
 PROMPT = "Disaggregated serving splits prefill and decode across pods. " * 12
 

@@ -17,17 +17,13 @@ from vllm_sidecar import cmd
 from vllm_sidecar.allowlist import AllowAll, StaticFileAllowlist
 from vllm_sidecar.proxy import SidecarProxy
 
+from tests.netutil import free_port
+
 
 def parse(*argv: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     cmd.add_arguments(p)
     return p.parse_args(list(argv))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_defaults_match_llm_d_ports(tmp_path: Path) -> None:
