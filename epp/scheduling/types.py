@@ -225,6 +225,18 @@ class PrefixMatchProducer(Producer):
         v = cycle.values.get(self.name)
         return v if isinstance(v, PrefixMatchInfo) else None
 
+    def publish(self, cycle: CycleState, info: PrefixMatchInfo) -> None:
+        """Store ``info`` under this producer's name; the first producer's is also
+        ``cycle.prefix_match`` (what the P/D decider reads)."""
+        cycle.values[self.name] = info
+        if cycle.prefix_match is None:
+            cycle.prefix_match = info
+
+    def hashed_match_info(self, cycle: CycleState) -> PrefixMatchInfo | None:
+        """This cycle's match info when it has block hashes to learn, else None."""
+        info = self.match_info(cycle)
+        return info if info is not None and info.hashes else None
+
 
 class SaturationDetector(Plugin):
     kind = PluginKind.SATURATION_DETECTOR

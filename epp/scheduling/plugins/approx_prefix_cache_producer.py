@@ -104,9 +104,7 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
             hashes=hashes,
             block_chars=self.block_chars,
         )
-        cycle.values[self.name] = info
-        if cycle.prefix_match is None:
-            cycle.prefix_match = info
+        self.publish(cycle, info)
 
     def pre_request(
         self,
@@ -115,8 +113,8 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
         result: SchedulingResult,
         headers: dict[str, str],
     ) -> None:
-        info = self.match_info(cycle)
-        if info is None or not info.hashes:
+        info = self.hashed_match_info(cycle)
+        if info is None:
             return
         primary = result.primary.targets[0].key
         if info.total_blocks:
@@ -135,6 +133,6 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
         endpoint = served_elsewhere(result, served, status, self.datastore)
         if endpoint is None:
             return
-        info = self.match_info(cycle)
-        if info is not None and info.hashes:
+        info = self.hashed_match_info(cycle)
+        if info is not None:
             self.index.add(endpoint, info.hashes)

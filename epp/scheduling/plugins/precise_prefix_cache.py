@@ -582,9 +582,7 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         info = PrefixMatchInfo(
             total_blocks=len(k.keys), block_tokens=k.block_size, matches=matches, hashes=k.keys
         )
-        cycle.values[self.name] = info
-        if cycle.prefix_match is None:
-            cycle.prefix_match = info
+        self.publish(cycle, info)
 
     def pre_request(
         self,
@@ -593,8 +591,8 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         result: SchedulingResult,
         headers: dict[str, str],
     ) -> None:
-        info = self.match_info(cycle)
-        if info is None or not info.hashes:
+        info = self.hashed_match_info(cycle)
+        if info is None:
             return
         primary = result.primary.targets[0].key
         self._hit_ratio.observe(info.matches.get(primary, 0) / info.total_blocks)
@@ -616,8 +614,8 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         endpoint = served_elsewhere(result, served, status, self.datastore)
         if endpoint is None:
             return
-        info = self.match_info(cycle)
-        if info is not None and info.hashes:
+        info = self.hashed_match_info(cycle)
+        if info is not None:
             self.index.speculate(endpoint, info.hashes)
 
 
