@@ -102,8 +102,8 @@ schedulingProfiles:
 """,
     "round-robin": None,
     # Sees every cache: asks each replica how much of the prompt it holds right now
-    # (the simulator's /sim/cached_prefix) and picks the longest hit, least loaded on
-    # ties. The bar precise routing is measured against.
+    # (the simulator's /sim/cached_prefix) and scores like the precise policy with
+    # that truth. The bar precise routing is measured against.
     "oracle": "ORACLE",
 }
 
@@ -199,12 +199,25 @@ class _SimTokenizer:
 
 
 async def _oracle_pick(http: aiohttp.ClientSession, addresses: list[str], prompt: str) -> str:
-    async def probe(a: str) -> tuple[int, int, str]:
-        async with http.post(f"http://{a}/sim/cached_prefix", json={"prompt": prompt}) as r:
-            d = msgspec.json.decode(await r.read())
-        return int(d["cached_blocks"]), -(int(d["waiting"]) + int(d["running"])), a
+    """The precise policy's scoring (prefix 3, queue 2, KV usage 2) with the truth:
+    each replica reports how much of the prompt its cache holds right now."""
 
-    return max(await asyncio.gather(*(probe(a) for a in addresses)))[2]
+    async def probe(a: str) -> dict[str, Any]:
+        async with http.post(f"http://{a}/sim/cached_prefix", json={"prompt": prompt}) as r:
+            return dict(msgspec.json.decode(await r.read()))
+
+    states = await asyncio.gather(*(probe(a) for a in addresses))
+    queues = [int(d["waiting"]) for d in states]
+    lo, hi = min(queues), max(queues)
+    best, best_score = addresses[0], -1.0
+    for a, d, q in zip(addresses, states, queues, strict=True):
+        blocks = max(1, int(d["prompt_tokens"]) // 16)
+        prefix = min(1.0, int(d["cached_blocks"]) / blocks)
+        queue = 1.0 if hi == lo else (hi - q) / (hi - lo)
+        score = 3 * prefix + 2 * queue + 2 * (1.0 - float(d["kv_cache_usage"]))
+        if score > best_score:
+            best, best_score = a, score
+    return best
 
 
 async def run_policy(

@@ -660,7 +660,7 @@ class SimServer:
 
     async def _cached_prefix(self, request: web.Request) -> web.Response:
         """``{"prompt": str}`` -> ``{"prompt_tokens", "cached_blocks", "cached_tokens",
-        "waiting", "running"}``; read-only (no LRU touch, no events)."""
+        "waiting", "running", "kv_cache_usage"}``; read-only (no LRU touch, no events)."""
         try:
             body = await self._body(request)
             prompt = body.get("prompt") if isinstance(body, dict) else None
@@ -678,6 +678,7 @@ class SimServer:
                     "cached_tokens": n * self.cfg.block_size,
                     "waiting": len(self.engine.waiting),
                     "running": len(self.engine.running),
+                    "kv_cache_usage": self.pool.usage(),
                 }
             )
         except api.ApiError as e:

@@ -36,6 +36,7 @@ async def test_probe_reports_cached_blocks_without_touching_the_cache() -> None:
         full_blocks = usage["prompt_tokens"] // 16
         assert warm["cached_blocks"] == full_blocks
         assert warm["cached_tokens"] == full_blocks * 16
+        assert warm["kv_cache_usage"] == fleet.servers[0].pool.usage()
         assert (await _probe(http, b, prompt))["cached_blocks"] == 0  # the other server
         assert (await _probe(http, a, "unrelated " + prompt))["cached_blocks"] == 0
         # Probing is read-only: the prefix-cache query counters did not move.
