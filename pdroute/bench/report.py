@@ -20,8 +20,7 @@ OURS = ("pdroute", "pdroute-precise", "pdroute-pd")
 CACHE_AWARE_PEERS = ("vllm-router", "sglang-router")
 
 WORKLOAD_TITLES = {
-    "shared-prefix": "Shared-prefix groups, skewed popularity (headline: working set > one "
-    "endpoint's KV)",
+    "shared-prefix": "Shared-prefix groups, skewed popularity, working set > one endpoint's KV",
     "shared-prefix-uniform": "Shared-prefix groups, uniform popularity, short outputs",
     "multi-turn": "Multi-turn chat sessions",
     "pd": "Long prompt, short output (P/D)",
