@@ -68,7 +68,7 @@ from typing import Any
 
 import yaml
 
-from pdroute.stack.procs import spawn_in_group, stop_process_group
+from pdroute.stack.procs import spawn_in_group, stop_process_group, tail
 
 DESTINATION_ENDPOINT = "x-gateway-destination-endpoint"
 ENVOY_LB = "envoy.lb"
@@ -540,11 +540,7 @@ class EnvoyProcess:
             time.sleep(0.05)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            data = self.log_path.read_bytes()[-16384:]
-        except OSError:
-            return ""
-        return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+        return tail(self.log_path, lines)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         proc = self.proc

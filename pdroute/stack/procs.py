@@ -48,8 +48,9 @@ def require_free_ports(ports: Mapping[str, int], host: str = "127.0.0.1") -> Non
 
 
 def tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a child's log (from its last 32 KiB); "" if unreadable."""
     try:
-        data = path.read_bytes()[-16384:]
+        data = path.read_bytes()[-32768:]
     except OSError:
         return ""
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])

@@ -48,7 +48,7 @@ from types import TracebackType
 
 import orjson
 
-from pdroute.stack.procs import spawn_in_group, stop_process_group
+from pdroute.stack.procs import spawn_in_group, stop_process_group, tail
 
 BOOTSTRAP_COMMAND = "PDROUTE_FULL=1 scripts/bootstrap"
 #: vLLM's CPU block size (fixed on CPU; the EPP's prefix hashing must use it).
@@ -238,14 +238,6 @@ async def probe_ready(host: str, port: int) -> bool:
     return await asyncio.to_thread(is_ready, host, port)
 
 
-def _log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        data = path.read_bytes()[-32768:]
-    except OSError:
-        return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
-
-
 class VllmServer:
     """One vLLM process in its own process group (stopping it stops its workers)."""
 
@@ -280,14 +272,14 @@ class VllmServer:
                 code = self.proc.returncode if self.proc else None
                 raise VllmStartError(
                     f"vLLM on {self.host_port} exited with {code}; {self.log_path}:\n"
-                    + _log_tail(self.log_path)
+                    + tail(self.log_path, 40)
                 )
             if is_ready(self.spec.host, self.spec.port):
                 return
             time.sleep(0.5)
         raise VllmStartError(
             f"vLLM on {self.host_port} not ready after {timeout_s:.0f}s; {self.log_path}:\n"
-            + _log_tail(self.log_path)
+            + tail(self.log_path, 40)
         )
 
     def stop(self, grace_s: float = 15.0) -> None:
