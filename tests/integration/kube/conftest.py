@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
-import aiohttp
 import pytest
-from kube_helpers import Admin, KubeCluster
+from kube_helpers import Admin, KubeCluster, admin_client
 
 from tests.kubeapi import private_control_plane
 
@@ -24,6 +23,5 @@ def kube_cluster() -> Iterator[KubeCluster]:
 
 @pytest.fixture
 async def admin(kube_cluster: KubeCluster) -> AsyncIterator[Admin]:
-    conn = aiohttp.TCPConnector(ssl=kube_cluster.ssl_context())
-    async with aiohttp.ClientSession(connector=conn) as s:
-        yield Admin(kube_cluster, s)
+    async with admin_client(kube_cluster) as a:
+        yield a

@@ -8,9 +8,10 @@ kubelet) and InferencePools; it does not use the code under test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -20,7 +21,7 @@ from epp.datastore import Datastore
 from pdroute.kube import KubeClient, KubeConfig
 from tests.kubeapi import SCRIPT, KubeCluster
 
-__all__ = ["SCRIPT", "Admin", "KubeCluster", "client_for", "keys", "wait_for"]
+__all__ = ["SCRIPT", "Admin", "KubeCluster", "admin_client", "client_for", "keys", "wait_for"]
 
 
 class Admin:
@@ -129,6 +130,14 @@ class Admin:
 
     async def delete_pool(self, ns: str, name: str) -> None:
         await self.call("DELETE", f"{self._pools(ns)}/{name}")
+
+
+@contextlib.asynccontextmanager
+async def admin_client(cluster: KubeCluster) -> AsyncIterator[Admin]:
+    """An :class:`Admin` on its own session that trusts the cluster's CA."""
+    conn = aiohttp.TCPConnector(ssl=cluster.ssl_context())
+    async with aiohttp.ClientSession(connector=conn) as s:
+        yield Admin(cluster, s)
 
 
 def client_for(cluster: KubeCluster) -> KubeClient:

@@ -22,7 +22,7 @@ from pdroute.sim.latency import get_profile
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests" / "integration" / "kube"))
-from kube_helpers import Admin  # type: ignore[import-not-found]  # noqa: E402
+from kube_helpers import Admin, admin_client  # type: ignore[import-not-found]  # noqa: E402
 
 from tests.kubeapi import KubeCluster, private_control_plane  # noqa: E402
 from tests.netutil import free_port  # noqa: E402
@@ -40,9 +40,8 @@ def cluster() -> Iterator[KubeCluster]:
 
 @pytest.fixture
 async def admin(cluster: KubeCluster) -> AsyncIterator[Admin]:
-    conn = aiohttp.TCPConnector(ssl=cluster.ssl_context())
-    async with aiohttp.ClientSession(connector=conn) as s:
-        yield Admin(cluster, s)
+    async with admin_client(cluster) as a:
+        yield a
 
 
 def cfg(role: str) -> SimConfig:
