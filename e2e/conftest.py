@@ -6,8 +6,9 @@ Without it the suite starts the local stack (``pdroute up``: Envoy + EPP + simul
 decode and prefill servers with sidecars) and tears it down afterwards; that is how
 CI runs it on every change.
 
-Tests that must stop or kill a component (fallback, EPP failure) need the local
-stack's process control; against a remote gateway they are skipped with that reason.
+Tests that must stop or kill a component (fallback, EPP failure) or read the
+components' /metrics are marked ``local_stack``; against a remote gateway they are
+deselected and the run says how many and why. CI always runs them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--gateway-url"):
+        return
+    local_only = [i for i in items if i.get_closest_marker("local_stack")]
+    if not local_only:
+        return
+    items[:] = [i for i in items if not i.get_closest_marker("local_stack")]
+    config.hook.pytest_deselected(items=local_only)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            f"e2e: {len(local_only)} local_stack tests deselected: they stop components or "
+            "read their /metrics, which a remote gateway does not allow"
+        )
+
+
 @pytest.fixture(scope="session")
 def target(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -52,8 +69,6 @@ def target(
 @pytest.fixture
 def fresh_local_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     """A private local stack for tests that break something; args via indirect param."""
-    if request.config.getoption("--gateway-url"):
-        pytest.skip("needs the local stack's process control; target is remote")
     extra: tuple[str, ...] = getattr(request, "param", ())
     t = start_local_stack(tmp_path, "--decode", "2", "--prefill", "0", *extra)
     try:

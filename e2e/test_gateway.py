@@ -153,6 +153,7 @@ def test_client_routing_headers_never_steer(target: Target) -> None:
 # -- prefill/decode disaggregation -------------------------------------------
 
 
+@pytest.mark.local_stack
 def test_long_prompt_is_disaggregated_short_is_not(target: Target) -> None:
     local = target.require_local("reads the EPP's and model servers' /metrics")
     epp = local["epp_metrics"]
@@ -273,6 +274,7 @@ def _kill(pid: int) -> None:
     os.killpg(pid, signal.SIGKILL)
 
 
+@pytest.mark.local_stack
 def test_fallback_endpoint_used_when_primary_dies(fresh_local_stack: Target) -> None:
     t = fresh_local_stack
     dead = t.component("sim-decode-0")
@@ -289,6 +291,7 @@ def test_fallback_endpoint_used_when_primary_dies(fresh_local_stack: Target) -> 
         assert headers[SERVED_BY] == alive
 
 
+@pytest.mark.local_stack
 def test_epp_down_fail_closed_rejects(fresh_local_stack: Target) -> None:
     t = fresh_local_stack
     assert completion(t, "before")[0] == 200
@@ -298,6 +301,7 @@ def test_epp_down_fail_closed_rejects(fresh_local_stack: Target) -> None:
     assert status >= 500
 
 
+@pytest.mark.local_stack
 @pytest.mark.parametrize("fresh_local_stack", [("--fail-open",)], indirect=True)
 def test_epp_down_fail_open_serves_pool_members_only(fresh_local_stack: Target) -> None:
     t = fresh_local_stack
