@@ -211,19 +211,7 @@ class KVBlockIndex:
 
     def store(self, s: int, keys: Iterable[int]) -> None:
         """``BlockStored`` with keys as published (direct mode); newest last."""
-        lru = self._lru[s]
-        holders = self._holders
-        hget = holders.get
-        touch = lru.move_to_end
-        bit = 1 << s
-        for k in keys:
-            if k in lru:
-                touch(k)
-            else:
-                lru[k] = None
-                holders[k] = hget(k, 0) | bit
-        if len(lru) > self._capacity[s]:
-            self._evict(s)
+        self.store_runs(s, (keys,))
 
     def store_runs(self, s: int, runs: Iterable[Iterable[int]]) -> None:
         """Several consecutive ``BlockStored`` events of one batch (the ingest hot
