@@ -99,6 +99,7 @@ from epp.datastore import Datastore, EndpointView
 from epp.index.kvblock import KVBlockIndex
 from epp.metrics import PLUGIN_DURATION, PREFIX_HIT_RATIO, PREFIX_INDEX_SIZE
 from epp.scheduling.plugins._util import routed_endpoints, served_elsewhere
+from epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer
 from epp.scheduling.registry import BuildContext, register
 from epp.scheduling.types import (
     CycleState,
@@ -109,7 +110,6 @@ from epp.scheduling.types import (
     PreRequest,
     ResponseComplete,
     SchedulingResult,
-    Scorer,
 )
 
 log = logging.getLogger(__name__)
@@ -620,14 +620,11 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
 
 
 @register
-class PrecisePrefixCacheScorer(Scorer):
-    """llm-d's older all-in-one type: a precise producer plus ``matched / total``."""
+class PrecisePrefixCacheScorer(PrefixCacheScorer):
+    """llm-d's older all-in-one type: a precise producer plus ``matched / total``
+    (the prefix-cache-scorer's formula, with its own producer)."""
 
     type_name = "precise-prefix-cache-scorer"
-
-    def __init__(self, name: str, producer: PrecisePrefixCacheProducer) -> None:
-        self.name = name
-        self.producer = producer
 
     @classmethod
     def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
@@ -638,16 +635,6 @@ class PrecisePrefixCacheScorer(Scorer):
             ctx.datastore.on_endpoint_removed(producer._endpoint_removed)
         ctx.implicit.append(producer)
         return cls(name, producer)
-
-    def score(
-        self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]
-    ) -> Sequence[float]:
-        info = self.producer.match_info(cycle)
-        if info is None or info.total_blocks == 0 or not info.matches:
-            return [0.0] * len(endpoints)
-        m = info.matches
-        total = info.total_blocks
-        return [m.get(e.key, 0) / total for e in endpoints]
 
 
 def _tcp(address: str, port: int) -> str:
