@@ -205,10 +205,13 @@ def _epp_cluster(o: EnvoyOptions) -> dict[str, Any]:
         interval = _duration(o.epp_health_interval_s)
         cluster["health_checks"] = [
             {
-                "timeout": _duration(max(o.epp_health_interval_s / 2, 0.1)),
+                "timeout": _duration(max(o.epp_health_interval_s * 0.8, 0.1)),
                 "interval": interval,
                 "no_traffic_interval": interval,
-                "unhealthy_threshold": 1,
+                # One slow answer from a busy EPP must not eject it (that fails every
+                # request closed); a dead EPP is ejected at once by the outlier
+                # detection below (connection refused is a local-origin failure).
+                "unhealthy_threshold": 3,
                 "healthy_threshold": 1,
                 "grpc_health_check": {"service_name": EXT_PROC_SERVICE},
             }
