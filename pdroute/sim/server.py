@@ -1,4 +1,4 @@
-"""One simulated vLLM server: aiohttp HTTP API + engine loop + KV events + side channel.
+"""One simulated vLLM server: HTTP API + engine loop + KV events + side channel.
 
 Everything runs on the process's single event loop; many servers can share it
 (:class:`pdroute.sim.fleet.SimFleet`). The engine loop is one task per server that
@@ -10,7 +10,8 @@ HTTP surface (vLLM 0.32 shapes): ``POST /v1/completions``, ``/v1/chat/completion
 (JSON or SSE with ``stream_options.include_usage``), ``/v1/responses``
 (non-streaming), ``/tokenize``, ``/detokenize``; ``GET /v1/models``, ``/health``,
 ``/metrics``, ``/version``. Every response carries ``x-inference-served-by:
-host:port``.
+host:port``. The HTTP layer is :mod:`pdroute.sim.http` (asyncio + llhttp), chosen
+for CPU per request: many servers share a process and a core.
 """
 
 from __future__ import annotations
@@ -22,16 +23,17 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from pdroute.protocol.blockhash import chain_block_hashes, hash_function
 from pdroute.protocol.headers import SERVED_BY
 from pdroute.sim import api
 from pdroute.sim.config import SimConfig, substitute
 from pdroute.sim.engine import Engine, QueueFull, RemoteSource, SimRequest
+from pdroute.sim.http import HttpServer, Request, Response, Stream
 from pdroute.sim.kvcache import BlockPool
 from pdroute.sim.kvevents import KVEventPublisher
 from pdroute.sim.latency import LatencyModel
@@ -49,12 +51,18 @@ from pdroute.sim.transfer import (
 log = logging.getLogger(__name__)
 
 VLLM_VERSION = "0.32.0"
-_JSON = "application/json"
 _DONE = b"data: [DONE]\n\n"
+_TEXT = b"text/plain; charset=utf-8"
+_SSE_HEADERS = ((b"cache-control", b"no-cache"),)
+_NOT_FOUND = b'{"detail":"Not Found"}'
+#: Largest request body accepted (HTTP 413 beyond).
+MAX_BODY = 64 * 1024 * 1024
+
+Route = Callable[[Request], Awaitable[Response | Stream]]
 
 
-def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(obj), status=status, content_type=_JSON)
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status)
 
 
 def _sse(obj: Any) -> bytes:
@@ -118,7 +126,8 @@ class SimServer:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._runner: web.AppRunner | None = None
+        self._http: HttpServer | None = None
+        self._routes = self._route_table()
         self._closing = False
         self._created = int(time.time())
         #: vLLM reports "vllm-<version>-<config hash>"; ours hashes the served config.
@@ -132,26 +141,30 @@ class SimServer:
     def address(self) -> str:
         return f"{self.advertise_host}:{self.port}"
 
-    def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.on_response_prepare.append(self._stamp)
-        r = app.router
-        r.add_post("/v1/completions", self._completions)
-        r.add_post("/v1/chat/completions", self._chat)
-        r.add_post("/v1/responses", self._responses)
-        r.add_post("/tokenize", self._tokenize)
-        r.add_post("/detokenize", self._detokenize)
-        # Simulator-only introspection (no vLLM equivalent): how much of a prompt this
-        # server's KV cache holds right now. Benchmarks use it for an oracle router.
-        r.add_post("/sim/cached_prefix", self._cached_prefix)
-        r.add_get("/v1/models", self._models)
-        r.add_post("/v1/load_lora_adapter", self._load_lora)
-        r.add_post("/v1/unload_lora_adapter", self._unload_lora)
-        r.add_get("/health", self._health)
-        r.add_get("/metrics", self._metrics)
-        r.add_get("/version", self._version)
-        r.add_route("*", "/{tail:.*}", self._not_found)
-        return app
+    def _route_table(self) -> dict[tuple[str, str], Route]:
+        return {
+            ("POST", "/v1/completions"): self._completions,
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("POST", "/v1/responses"): self._responses,
+            ("POST", "/tokenize"): self._tokenize,
+            ("POST", "/detokenize"): self._detokenize,
+            # Simulator-only introspection (no vLLM equivalent): how much of a prompt this
+            # server's KV cache holds right now. Benchmarks use it for an oracle router.
+            ("POST", "/sim/cached_prefix"): self._cached_prefix,
+            ("GET", "/v1/models"): self._models,
+            ("POST", "/v1/load_lora_adapter"): self._load_lora,
+            ("POST", "/v1/unload_lora_adapter"): self._unload_lora,
+            ("GET", "/health"): self._health,
+            ("GET", "/metrics"): self._metrics,
+            ("GET", "/version"): self._version,
+        }
+
+    async def _dispatch(self, request: Request) -> Response | Stream:
+        method = "GET" if request.method == "HEAD" else request.method
+        route = self._routes.get((method, request.path))
+        if route is None:
+            return Response(_NOT_FOUND, 404)
+        return await route(request)
 
     async def start(self, port: int | None = None, side_channel_port: int | None = None) -> None:
         """Listen (HTTP, side channel, KV events) and start the engine loop."""
@@ -165,15 +178,9 @@ class SimServer:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         want = self.cfg.port + self.rank if self.cfg.port and port is None else (port or 0)
-        self._runner = web.AppRunner(
-            self.build_app(), access_log=None, handle_signals=False, handler_cancellation=True
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, want, backlog=1024, reuse_address=True)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        self._http = HttpServer(self._dispatch, max_body=MAX_BODY)
+        self.port = await self._http.start(self.host, want, backlog=1024)
+        self._http.set_extra_headers(((SERVED_BY, self.address),))
         if (self.serves_kv or self.pulls_kv) and self._use_nixl():
             self.nixl = NixlKV(self.engine_id, self.cfg.num_blocks, self.cfg.kv_bytes_per_block)
         if self.serves_kv:
@@ -233,8 +240,8 @@ class SimServer:
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._http is not None:
+            await self._http.close()
         if self.side is not None:
             await self.side.close()
         if self.publisher is not None:
@@ -381,10 +388,6 @@ class SimServer:
         }
 
     # ---- HTTP -----------------------------------------------------------------------
-    async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
-        response.headers[SERVED_BY] = self.address
-        response.headers["server"] = "uvicorn"
-
     def _maybe_fail(self) -> None:
         cfg = self.cfg
         if cfg.failure_rate <= 0.0 or self._rng.random() >= cfg.failure_rate:
@@ -407,10 +410,10 @@ class SimServer:
             raise api.ApiError(400, "Invalid request parameters")
         raise api.ApiError(404, "The model `unknown-model` does not exist.", "model")
 
-    async def _body(self, request: web.Request) -> Any:
-        raw = await request.read()
+    @staticmethod
+    def _body(request: Request) -> Any:
         try:
-            return orjson.loads(raw)
+            return orjson.loads(request.body)
         except orjson.JSONDecodeError as e:
             raise api.ApiError(
                 400,
@@ -420,18 +423,18 @@ class SimServer:
                 "Bad Request",
             ) from None
 
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
+    async def _completions(self, request: Request) -> Response | Stream:
         return await self._generate(request, "completion")
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _chat(self, request: Request) -> Response | Stream:
         return await self._generate(request, "chat")
 
-    async def _responses(self, request: web.Request) -> web.StreamResponse:
+    async def _responses(self, request: Request) -> Response | Stream:
         return await self._generate(request, "responses")
 
-    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+    async def _generate(self, request: Request, kind: str) -> Response | Stream:
         try:
-            body = await self._body(request)
+            body = self._body(request)
             self._maybe_fail()
             p = api.parse(
                 kind,
@@ -542,9 +545,7 @@ class SimServer:
             cached=req.num_cached_tokens + req.num_external_tokens,
         )
 
-    async def _stream(
-        self, request: web.Request, p: api.Parsed, req: SimRequest
-    ) -> web.StreamResponse:
+    async def _stream(self, request: Request, p: api.Parsed, req: SimRequest) -> Response | Stream:
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
 
@@ -554,7 +555,7 @@ class SimServer:
         req.listener = notify
         self._submit(req)
         created = int(time.time())
-        resp: web.StreamResponse | None = None
+        resp: Stream | None = None
         sent = 0
         chat = p.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -565,13 +566,7 @@ class SimServer:
                 if req.error is not None and resp is None:
                     raise api.ApiError(500, req.error)
                 if resp is None:
-                    resp = web.StreamResponse(
-                        headers={
-                            "Content-Type": "text/event-stream; charset=utf-8",
-                            "Cache-Control": "no-cache",
-                        }
-                    )
-                    await resp.prepare(request)
+                    resp = request.stream(headers=_SSE_HEADERS)
                     if chat:
                         first = api.chat_role_chunk(req.request_id, created, p.model)
                         if p.continuous_usage:
@@ -611,14 +606,14 @@ class SimServer:
                 out = b"".join(_sse(c) for c in chunks)
                 if req.finished:
                     out += _DONE
+                if req.finished:
+                    resp.end(out)
+                    return resp
                 if out:
                     await resp.write(out)
-                if req.finished:
-                    await resp.write_eof()
-                    return resp
         except api.ApiError as e:
             return _json(e.body(), e.status)
-        except (asyncio.CancelledError, ConnectionResetError):
+        except (asyncio.CancelledError, ConnectionError):
             if not req.finished:
                 self.engine.abort(req, loop.time())
             raise
@@ -628,14 +623,12 @@ class SimServer:
             if resp is None:
                 raise  # _generate answers with a JSON 500
             log.exception("stream failed")
-            with contextlib.suppress(Exception):
-                await resp.write(_sse(api.error_body(500, "Internal server error")) + _DONE)
-                await resp.write_eof()
+            resp.end(_sse(api.error_body(500, "Internal server error")) + _DONE)
             return resp
 
-    async def _tokenize(self, request: web.Request) -> web.Response:
+    async def _tokenize(self, request: Request) -> Response:
         try:
-            body = await self._body(request)
+            body = self._body(request)
             if not isinstance(body, dict):
                 raise api.ApiError(400, "request body must be a JSON object")
             api.resolve_model(body, self.cfg.model, set(self.loras))
@@ -658,11 +651,11 @@ class SimServer:
         except api.ApiError as e:
             return _json(e.body(), e.status)
 
-    async def _cached_prefix(self, request: web.Request) -> web.Response:
+    async def _cached_prefix(self, request: Request) -> Response:
         """``{"prompt": str}`` -> ``{"prompt_tokens", "cached_blocks", "cached_tokens",
         "waiting", "running", "kv_cache_usage"}``; read-only (no LRU touch, no events)."""
         try:
-            body = await self._body(request)
+            body = self._body(request)
             prompt = body.get("prompt") if isinstance(body, dict) else None
             if not isinstance(prompt, str):
                 raise api.ApiError(400, "prompt must be a string", "prompt")
@@ -684,9 +677,9 @@ class SimServer:
         except api.ApiError as e:
             return _json(e.body(), e.status)
 
-    async def _detokenize(self, request: web.Request) -> web.Response:
+    async def _detokenize(self, request: Request) -> Response:
         try:
-            body = await self._body(request)
+            body = self._body(request)
             tokens = body.get("tokens") if isinstance(body, dict) else None
             if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
                 raise api.ApiError(400, "tokens must be a list of integers", "tokens")
@@ -694,7 +687,7 @@ class SimServer:
         except api.ApiError as e:
             return _json(e.body(), e.status)
 
-    async def _models(self, request: web.Request) -> web.Response:
+    async def _models(self, request: Request) -> Response:
         def card(mid: str, root: str, parent: str | None) -> dict[str, Any]:
             return {
                 "id": mid,
@@ -726,10 +719,10 @@ class SimServer:
         data += [card(n, self.lora_paths[n], self.cfg.model) for n in self.loras]
         return _json({"object": "list", "data": data})
 
-    async def _load_lora(self, request: web.Request) -> web.Response:
+    async def _load_lora(self, request: Request) -> Response:
         """vLLM's runtime LoRA loading (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``)."""
         try:
-            body = await self._body(request)
+            body = self._body(request)
             name = body.get("lora_name") if isinstance(body, dict) else None
             path = body.get("lora_path") if isinstance(body, dict) else None
             if not self.cfg.lora_enabled:
@@ -741,33 +734,33 @@ class SimServer:
             self.loras[name] = self._next_lora_id
             self.lora_paths[name] = path
             self._next_lora_id += 1
-            return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+            return Response(
+                f"Success: LoRA adapter '{name}' added successfully.".encode(), 200, _TEXT
+            )
         except api.ApiError as e:
             return _json(e.body(), e.status)
 
-    async def _unload_lora(self, request: web.Request) -> web.Response:
+    async def _unload_lora(self, request: Request) -> Response:
         try:
-            body = await self._body(request)
+            body = self._body(request)
             name = body.get("lora_name") if isinstance(body, dict) else None
             if not isinstance(name, str) or name not in self.loras:
                 raise api.ApiError(404, f"The lora adapter '{name}' cannot be found.")
             del self.loras[name]
             del self.lora_paths[name]
-            return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+            return Response(
+                f"Success: LoRA adapter '{name}' removed successfully.".encode(), 200, _TEXT
+            )
         except api.ApiError as e:
             return _json(e.body(), e.status)
 
-    async def _health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+    async def _health(self, request: Request) -> Response:
+        return Response(b"", 200, None)
 
-    async def _version(self, request: web.Request) -> web.Response:
+    async def _version(self, request: Request) -> Response:
         return _json({"version": VLLM_VERSION})
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=self.metrics.render().encode(),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    async def _metrics(self, request: Request) -> Response:
+        return Response(
+            self.metrics.render().encode(), 200, b"text/plain; version=0.0.4; charset=utf-8"
         )
-
-    async def _not_found(self, request: web.Request) -> web.Response:
-        return _json({"detail": "Not Found"}, 404)
