@@ -9,9 +9,19 @@ from types import MappingProxyType
 ROLE_LABEL = "llm-d.ai/role"
 
 
+def _key(address: str, port: int) -> str:
+    if ":" in address and not address.startswith("["):
+        return f"[{address}]:{port}"  # IPv6
+    return f"{address}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One routable model-server port: ``address:port`` is its identity (the ``key``)."""
+    """One routable model-server port: ``address:port`` is its identity (the ``key``).
+
+    ``key`` is computed once at construction (scorers read it for every candidate of
+    every request); it is not a constructor argument and not part of equality.
+    """
 
     name: str
     address: str
@@ -21,12 +31,11 @@ class Endpoint:
     metrics_address: str | None = None
     #: Engine type for metric-name mapping (label inference.networking.k8s.io/engine-type).
     engine: str | None = None
+    #: ``address:port`` (``[v6]:port``), derived from address and port.
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        if ":" in self.address and not self.address.startswith("["):
-            return f"[{self.address}]:{self.port}"  # IPv6
-        return f"{self.address}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", _key(self.address, self.port))
 
     @property
     def role(self) -> str | None:
@@ -62,10 +71,11 @@ class EndpointView:
     metrics: EndpointMetrics
     #: True when metrics are missing or older than the staleness threshold.
     stale: bool
+    #: ``endpoint.key``, copied at construction (a plain attribute read on the hot path).
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        return self.endpoint.key
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", self.endpoint.key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +83,8 @@ class PoolSnapshot:
     """Immutable view of the pool for one scheduling cycle."""
 
     endpoints: tuple[EndpointView, ...]
+    #: Clock time the snapshot was built (a cached snapshot is handed out later,
+    #: while it still equals a fresh evaluation).
     taken_at: float
 
     def by_key(self) -> dict[str, EndpointView]:

@@ -19,6 +19,7 @@ Pure: no I/O, no clock, no asyncio; the hash function is injected.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
@@ -67,10 +68,15 @@ def prefix_hashes(
     return out
 
 
+def _size_of(ref: weakref.ref[ApproxPrefixIndex]) -> float:
+    index = ref()
+    return 0.0 if index is None else float(index._size)
+
+
 class ApproxPrefixIndex:
     """hash -> endpoints that (probably) cache it, with a per-endpoint LRU bound."""
 
-    __slots__ = ("_capacity", "_hit_ratio", "_lru", "_owners", "_size", "_size_gauge")
+    __slots__ = ("__weakref__", "_capacity", "_hit_ratio", "_lru", "_owners", "_size")
 
     def __init__(
         self, *, capacity_per_endpoint: int = DEFAULT_LRU_CAPACITY, metrics_label: str = "approx"
@@ -81,8 +87,11 @@ class ApproxPrefixIndex:
         self._owners: dict[int, set[str]] = {}
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._size = 0
-        # Metric children bound once: no label lookup per request.
-        self._size_gauge = PREFIX_INDEX_SIZE.labels(metrics_label)
+        # Metric children bound once: no label lookup per request. The size gauge
+        # reads ``_size`` when scraped (no gauge update per request); the weak
+        # reference lets a discarded index go (its gauge then reads 0).
+        ref = weakref.ref(self)
+        PREFIX_INDEX_SIZE.labels(metrics_label).set_function(lambda: _size_of(ref))
         self._hit_ratio = PREFIX_HIT_RATIO.labels(metrics_label)
 
     @property
@@ -158,7 +167,6 @@ class ApproxPrefixIndex:
                 self._drop_owner(old, endpoint)
                 added -= 1
         self._size += added
-        self._size_gauge.set(self._size)
 
     def remove_endpoint(self, endpoint: str) -> None:
         """Forget everything about ``endpoint`` (it left the pool)."""
@@ -168,7 +176,6 @@ class ApproxPrefixIndex:
         for h in lru:
             self._drop_owner(h, endpoint)
         self._size -= len(lru)
-        self._size_gauge.set(self._size)
 
     def retain(self, endpoints: Iterable[str]) -> None:
         """Purge every endpoint not in ``endpoints``."""
