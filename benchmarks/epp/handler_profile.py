@@ -322,13 +322,18 @@ class Scenario:
         if self.ex.rejected:
             raise SystemExit(f"{self.name}: {self.ex.rejected} warm-up requests were rejected")
 
-    async def round(self, n: int, profile: bool) -> None:
+    async def round(self, n: int, profile: bool, refresh_every: int = 0) -> None:
         thread_ns = time.thread_time_ns
         prof = self.prof if profile else None
         total = 0
         gc.collect()
         for _ in range(n):
-            if time.monotonic() - self.last_refresh >= 0.1:  # the scraper's round, not timed
+            # The scraper's round (not timed): every 100 ms, or every N requests.
+            if (
+                self.i % refresh_every == 0
+                if refresh_every
+                else time.monotonic() - self.last_refresh >= 0.1
+            ):
                 refresh_metrics(self.datastore, self.rng)
                 self.last_refresh = time.monotonic()
             if prof is not None:
@@ -372,7 +377,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     for _ in range(args.rounds):
         for sc in scenarios:
             n = per_round if sc.name != "chat-2k" else max(1, per_round // 2)
-            await sc.round(n, args.profile)
+            await sc.round(n, args.profile, args.refresh_every)
     return [sc.result(args.profile) for sc in scenarios]
 
 
@@ -382,6 +387,13 @@ def main() -> int:
     ap.add_argument("--scenario", action="append", choices=SCENARIOS, help="repeatable")
     ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds (20)")
     ap.add_argument("--warmup", type=int, default=300, help="untimed requests first (300)")
+    ap.add_argument(
+        "--refresh-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="refresh metrics every N requests instead of every 100 ms (deterministic runs)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="cProfile top-30 by tottime")
     ap.add_argument("--json-only", action="store_true")

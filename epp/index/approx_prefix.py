@@ -20,7 +20,7 @@ Pure: no I/O, no clock, no asyncio; the hash function is injected.
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 
 import xxhash
@@ -113,28 +113,37 @@ class ApproxPrefixIndex:
         """Blocks matched per endpoint, walking the chain until a hash nobody holds.
 
         Consecutive blocks usually have the same owners (a prompt is learned whole),
-        so owner sets are counted per run of equal sets: one C-level set comparison
-        per block instead of one dict update per (block, owner).
+        so owner sets are counted per run of equal sets. The common case, one run
+        over the whole matched chain, is found with C-level list operations (owner
+        lookups, the first miss, one count of equal sets); otherwise the runs are
+        walked in Python, one set comparison per block.
         """
+        got = list(map(self._owners.get, hashes))
+        try:
+            cut = got.index(None)  # owner sets are never empty: None is the first miss
+        except ValueError:
+            cut = len(got)
+        if cut == 0:
+            return {}
+        del got[cut:]
+        first = got[0]
+        assert first is not None
+        if got.count(first) == cut:
+            return dict.fromkeys(first, cut)
         counts: dict[str, int] = {}
-        owners = self._owners
-        run: set[str] | None = None
+        run = first
         n = 0
-        for h in hashes:
-            eps = owners.get(h)
-            if not eps:
-                break
+        for eps in got:
             if eps == run:
                 n += 1
                 continue
-            if run is not None:
-                for ep in run:
-                    counts[ep] = counts.get(ep, 0) + n
-            run = eps
-            n = 1
-        if run is not None:
             for ep in run:
                 counts[ep] = counts.get(ep, 0) + n
+            assert eps is not None
+            run = eps
+            n = 1
+        for ep in run:
+            counts[ep] = counts.get(ep, 0) + n
         return counts
 
     def add(self, endpoint: str, hashes: Sequence[int]) -> None:
@@ -151,9 +160,21 @@ class ApproxPrefixIndex:
         owners = self._owners
         cap = self._capacity
         added = 0
-        for h in reversed(hashes):
+        rev = hashes[::-1]
+        touch = lru.move_to_end
+        checked = False
+        for i, h in enumerate(rev):
             if h in lru:
-                lru.move_to_end(h)
+                if not checked:
+                    # Usually every block from here on is held already (a shared
+                    # prefix): touch them all in one C-level pass. Touching never
+                    # evicts, so presence cannot change during the pass.
+                    checked = True
+                    rest = rev[i:]
+                    if all(map(lru.__contains__, rest)):
+                        deque(map(touch, rest), maxlen=0)
+                        break
+                touch(h)
                 continue
             lru[h] = None
             s = owners.get(h)

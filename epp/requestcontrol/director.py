@@ -36,7 +36,14 @@ from epp.datastore import Datastore, EndpointView
 from epp.errors import EppError, Internal, NoReadyEndpoint, Shed
 from epp.requestcontrol.api import Director, IncomingRequest, ResponseInfo, RoutingDecision
 from epp.requestcontrol.parse import header_int, parse_body
-from epp.scheduling import CycleState, LLMRequest, Pipeline, SchedulingResult, build_pipeline
+from epp.scheduling import (
+    CycleState,
+    LLMRequest,
+    Pipeline,
+    PrepareData,
+    SchedulingResult,
+    build_pipeline,
+)
 from pdroute.protocol.headers import PREFILLER_HOST_PORT, REQUEST_ID
 
 log = logging.getLogger(__name__)
@@ -253,6 +260,9 @@ class EppDirector:
         self, cycle: CycleState, llm: LLMRequest, candidates: list[EndpointView]
     ) -> None:
         hooks = self.pipeline.prepare_data
+        if len(hooks) == 1:
+            await self._prepare_one(hooks[0], cycle, llm, candidates)
+            return
         try:
             async with asyncio.timeout(self.prepare_timeout_s):
                 results = await asyncio.gather(
@@ -268,6 +278,29 @@ class EppDirector:
         for hook, r in zip(hooks, results, strict=True):
             if isinstance(r, BaseException):
                 log.error("prepare-data hook %s failed: %r", getattr(hook, "name", hook), r)
+
+    async def _prepare_one(
+        self, hook: PrepareData, cycle: CycleState, llm: LLMRequest, candidates: list[EndpointView]
+    ) -> None:
+        """One hook (the usual case): awaited in this task, no gather and no child
+        task per request; same timeout, same logging, never raises but cancellation."""
+        try:
+            async with asyncio.timeout(self.prepare_timeout_s):
+                await hook.prepare_data(cycle, llm, candidates)
+        except TimeoutError:
+            log.warning(
+                "prepare-data hooks timed out after %.3fs (request %s)",
+                self.prepare_timeout_s,
+                llm.request_id,
+            )
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this request is being cancelled
+            # The hook cancelled something of its own: a failure, as under gather.
+            log.error("prepare-data hook %s failed: %r", getattr(hook, "name", hook), e)
+        except Exception as e:
+            log.error("prepare-data hook %s failed: %r", getattr(hook, "name", hook), e)
 
     def _acquire(self, endpoint: str) -> None:
         self._inflight[endpoint] = self._inflight.get(endpoint, 0) + 1

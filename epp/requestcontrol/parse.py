@@ -30,8 +30,23 @@ _SUFFIXES = (
 )
 
 
+#: Paths seen -> API kind (a handful in practice; cleared when it reaches the bound).
+_API_BY_PATH: dict[str, str] = {}
+_API_CACHE_MAX = 256
+
+
 def detect_api(path: str) -> str:
     """API kind from the request path (query ignored); unknown paths are completions."""
+    api = _API_BY_PATH.get(path)
+    if api is None:
+        api = _detect_api(path)
+        if len(_API_BY_PATH) >= _API_CACHE_MAX:
+            _API_BY_PATH.clear()
+        _API_BY_PATH[path] = api
+    return api
+
+
+def _detect_api(path: str) -> str:
     p = path.split("?", 1)[0].rstrip("/")
     for suffix, api in _SUFFIXES:
         if p.endswith(suffix):

@@ -89,6 +89,8 @@ class SchedulerProfile(SchedulerProfileLike):
             t = _perf()
             scores = s.score(cycle, request, candidates)
             obs(_perf() - t)
+            if len(scores) == n and not any(scores):  # all 0.0 (no prefix match): adds 0
+                continue
             for i in range(n):
                 v = scores[i]
                 if v > 0.0:  # NaN and negatives count as 0

@@ -91,6 +91,18 @@ async def test_bad_priority_header_is_400() -> None:
         await director(store()).route(req(chat(), x_gateway_inference_priority="high"))
 
 
+def test_api_detection_cache_is_bounded_and_exact() -> None:
+    from epp.requestcontrol import parse
+
+    for i in range(3 * parse._API_CACHE_MAX):
+        suffix = ("/v1/chat/completions", "/v1/embeddings", "/v1/x")[i % 3]
+        expected = ("chat/completions", "embeddings", "completions")[i % 3]
+        path = f"{suffix}?n={i}"
+        assert detect_api(path) == expected
+        assert detect_api(path) == expected  # cached answer
+        assert len(parse._API_BY_PATH) <= parse._API_CACHE_MAX
+
+
 def test_api_detection_and_prompt_extraction() -> None:
     assert detect_api("/v1/chat/completions?x=1") == "chat/completions"
     assert detect_api("/v1/completions") == "completions"
@@ -325,6 +337,29 @@ async def test_prepare_data_runs_before_scheduling_and_is_bounded(
     d.pipeline.prepare_data[:] = [_Prep(delay=5.0)]  # type: ignore[list-item]
     dec = await d.route(req(chat()))
     assert dec.endpoints and "timed out" in caplog.text
+
+
+async def test_several_prepare_hooks_all_run_and_failures_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    d = build_director(store(2), rng=random.Random(1), prepare_timeout_s=1.0)
+    ok, bad = _Prep(delay=0.01), _Prep(fail=True)
+    d.pipeline.prepare_data[:] = [bad, ok]  # type: ignore[list-item]
+    dec = await d.route(req(chat()))
+    assert dec.request is not None and dec.request.prompt_tokens == 1234
+    assert "tokenizer down" in caplog.text
+
+
+async def test_cancelling_a_request_during_prepare_cancels_it() -> None:
+    import asyncio
+
+    d = build_director(store(2), rng=random.Random(1), prepare_timeout_s=5.0)
+    d.pipeline.prepare_data[:] = [_Prep(delay=5.0)]  # type: ignore[list-item]
+    task = asyncio.create_task(d.route(req(chat())))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 async def test_start_and_aclose_reach_plugins_with_lifecycle() -> None:

@@ -135,3 +135,41 @@ def test_match_equals_naive_count_on_random_indexes() -> None:
         query = chain[: rng.randint(0, 60)]
         assert idx.match(query) == naive(idx, query), seed
         idx.check_invariant()
+
+
+def test_add_keeps_the_exact_lru_order_of_touching_blocks_one_by_one() -> None:
+    """``add`` touches an all-held remainder in one pass; the LRU order, owners and
+    evictions must equal the plain rule: for each block, last to first, touch it if
+    held, else insert it and evict the oldest when over capacity."""
+    import random
+    from collections import OrderedDict
+
+    def reference_add(
+        lru: dict[str, OrderedDict[int, None]], cap: int, endpoint: str, hashes: list[int]
+    ) -> None:
+        od = lru.setdefault(endpoint, OrderedDict())
+        for h in reversed(hashes):
+            if h in od:
+                od.move_to_end(h)
+                continue
+            od[h] = None
+            if len(od) > cap:
+                od.popitem(last=False)
+
+    for seed in range(200):
+        rng = random.Random(seed)
+        cap = rng.randint(1, 30)
+        idx = ApproxPrefixIndex(capacity_per_endpoint=cap)
+        ref: dict[str, OrderedDict[int, None]] = {}
+        chain = list(range(1, 41))
+        for _ in range(rng.randint(1, 30)):
+            a = rng.randint(0, 39)
+            hashes = chain[a : rng.randint(a, 40)]
+            if hashes and rng.random() < 0.2:
+                hashes.append(rng.choice(hashes))  # a repeated block
+            ep = f"e{rng.randint(0, 3)}"
+            idx.add(ep, hashes)
+            reference_add(ref, cap, ep, hashes)
+            for e, od in ref.items():
+                assert list(idx._lru.get(e, {})) == list(od), seed
+            idx.check_invariant()
