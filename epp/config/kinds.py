@@ -48,6 +48,8 @@ _BUILTIN: dict[str, PluginKind] = {
     "session-affinity-scorer": PluginKind.SCORER,
     "active-request-scorer": PluginKind.SCORER,
     "token-load-scorer": PluginKind.SCORER,
+    "no-hit-lru-scorer": PluginKind.SCORER,
+    "routed-load-scorer": PluginKind.SCORER,  # pdroute
     # pickers
     "max-score-picker": PluginKind.PICKER,
     "random-picker": PluginKind.PICKER,

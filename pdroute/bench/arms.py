@@ -158,6 +158,8 @@ class ArmInfo:
     metrics_urls: list[str] = field(default_factory=list)
     run_dir: str = ""
     notes: str = ""
+    #: The EPP's Prometheus endpoint (pdroute arms): saved after the run for diagnosis.
+    epp_metrics_url: str = ""
 
 
 def _stack_args(
@@ -347,9 +349,19 @@ async def probe_completion(
 class Arm:
     """One arm's fleet + router; ``async with Arm(...) as info`` starts and stops it."""
 
-    def __init__(self, name: str, fleet: FleetSpec, run_dir: Path, model: str = "sim-model"):
+    def __init__(
+        self,
+        name: str,
+        fleet: FleetSpec,
+        run_dir: Path,
+        model: str = "sim-model",
+        *,
+        epp_config: str | None = None,
+    ):
         if name not in ARMS:
             raise ArmFailed(f"unknown arm {name!r}; known: {', '.join(ARMS)}")
+        #: EndpointPickerConfig text for the ``pdroute`` arm instead of its default.
+        self.epp_config = epp_config
         self.name = name
         self.fleet = fleet
         self.run_dir = run_dir
@@ -390,6 +402,10 @@ class Arm:
     async def _start_once(self) -> ArmInfo:
         name, fleet = self.name, self.fleet
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # The stack keeps an existing endpoints file; one left by an earlier attempt
+        # (or an earlier run into the same directory) names other ports, and the EPP
+        # would then route blind (it cannot scrape any endpoint).
+        (self.run_dir / "endpoints.yaml").unlink(missing_ok=True)
         pd = name in PD_ARMS
         if pd and fleet.prefill < 1:
             raise ArmFailed(f"{name} needs prefill servers (only on the pd workload)")
@@ -400,6 +416,9 @@ class Arm:
         if name == "pdroute-precise":
             config = self.run_dir / "epp-precise.yaml"
             config.write_text(precise_config(fleet))
+        elif name == "pdroute" and self.epp_config is not None:
+            config = self.run_dir / "epp-config.yaml"
+            config.write_text(self.epp_config)
         args = _stack_args(fleet, self.run_dir, self.model, prefill=prefill, config=config)
         plan = make_plan(args)
         self.stack = stack = BenchStack(plan, fleet, kv_events=name == "pdroute-precise")
@@ -429,6 +448,9 @@ class Arm:
             endpoints=[f"127.0.0.1:{p}" for p in decode_ports],
             metrics_urls=[f"http://127.0.0.1:{p}/metrics" for p in all_ports],
             run_dir=str(self.run_dir),
+            epp_metrics_url=(
+                f"http://127.0.0.1:{plan.epp_metrics}/metrics" if name.startswith("pdroute") else ""
+            ),
         )
 
     def _start_router(self, stack: BenchStack, port: int) -> tuple[str, dict[str, int | None]]:

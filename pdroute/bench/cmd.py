@@ -56,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--repeat", type=int, default=1, help="runs per arm, interleaved; median reported (1)"
     )
+    r.add_argument(
+        "--epp-config",
+        type=Path,
+        help="EndpointPickerConfig file for the pdroute arm (default: the arm's own)",
+    )
     r.add_argument("--quick", action="store_true", help="short runs (a few minutes in all)")
     r.add_argument("--out", type=Path, default=Path("bench-results"), help="results directory")
     r.add_argument("--docs", type=Path, help="also regenerate this results page")
@@ -118,6 +123,13 @@ def _run(a: argparse.Namespace) -> int:
     except WorkloadError as e:
         print(f"pdroute bench: {e}", file=sys.stderr)
         return 2
+    epp_config = None
+    if a.epp_config is not None:
+        try:
+            epp_config = a.epp_config.read_text()
+        except OSError as e:
+            print(f"pdroute bench: --epp-config {a.epp_config}: {e.strerror}", file=sys.stderr)
+            return 2
     cfg = RunConfig(
         workloads=specs,
         arms=arms,
@@ -127,6 +139,7 @@ def _run(a: argparse.Namespace) -> int:
         quick=a.quick,
         repeat=max(1, a.repeat),
         argv=["pdroute", "bench", *sys.argv[2:]] if len(sys.argv) > 2 else [],
+        epp_config=epp_config,
     )
     results = asyncio.run(run_all(cfg))
     write_results(a.out, results)

@@ -65,6 +65,8 @@ class RunConfig:
     #: Runs per arm (interleaved); the median run by TTFT p90 is reported.
     repeat: int = 1
     argv: list[str] = field(default_factory=list)
+    #: EndpointPickerConfig text for the ``pdroute`` arm (None: the arm's default).
+    epp_config: str | None = None
 
 
 async def scrape(urls: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -78,6 +80,67 @@ async def scrape(urls: Sequence[str]) -> dict[str, dict[str, float]]:
                 continue
             out[u] = parse_prometheus_sums(text, COUNTERS)
     return out
+
+
+#: EPP histograms summarised per run (name -> labels that tell the series apart).
+EPP_HISTOGRAMS: dict[str, tuple[str, ...]] = {
+    "llm_d_epp_prefix_indexer_hit_ratio": ("index",),
+    "llm_d_epp_plugin_duration_seconds": ("extension_point", "plugin_type"),
+}
+
+
+async def epp_digest(info: ArmInfo, run_dir: Path) -> dict[str, Any]:
+    """Save the EPP's /metrics text next to the run's logs and return the means and
+    counts of :data:`EPP_HISTOGRAMS` (routing-side diagnosis: the index's hit ratio on
+    the chosen endpoint, time spent per plugin). Empty when the arm has no EPP."""
+    if not info.epp_metrics_url:
+        return {}
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(info.epp_metrics_url, timeout=aiohttp.ClientTimeout(total=5)) as r,
+        ):
+            text = await r.text()
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return {}
+    await asyncio.to_thread(_write_text, run_dir / "epp-metrics.prom", text)
+    return histogram_means(text, EPP_HISTOGRAMS)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def histogram_means(text: str, wanted: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """``{metric: {label values: {"count", "mean"}}}`` from Prometheus text (sums and
+    counts of each histogram series, keyed by the values of the labels named in
+    ``wanted``, joined with ``/``)."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, rest = line.partition("{")
+        for metric, label_names in wanted.items():
+            for suffix, slot in (("_sum", 0), ("_count", 1)):
+                if name != metric + suffix:
+                    continue
+                labels, _, value = rest.rpartition("}")
+                found: dict[str, str] = {}
+                for part in labels.split(","):
+                    k, _, v = part.partition("=")
+                    found[k.strip()] = v.strip().strip('"')
+                key = "/".join(found.get(n, "") for n in label_names)
+                try:
+                    num = float(value.strip().split()[0])
+                except (ValueError, IndexError):
+                    continue
+                series = acc.setdefault(metric, {}).setdefault(key, [0.0, 0.0])
+                series[slot] += num
+    return {
+        m: {k: {"count": c, "mean": (s / c if c else 0.0)} for k, (s, c) in by.items()}
+        for m, by in acc.items()
+    }
 
 
 def _delta(
@@ -145,13 +208,14 @@ async def run_arm(
     rec_file = cfg.out / "records" / spec.name / f"{tag}.json"
     rec_file.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    async with Arm(arm, spec.fleet, run_dir, cfg.model) as info:
+    async with Arm(arm, spec.fleet, run_dir, cfg.model, epp_config=cfg.epp_config) as info:
         startup = time.monotonic() - t_start
         before = await scrape(info.metrics_urls)
         cpu0 = {k: cpu_seconds(p) for k, p in info.router_pids.items()}
         records = await run_loadgen(info, plan_file, rec_file, cfg, f"{spec.name}/{arm}")
         cpu1 = {k: cpu_seconds(p) for k, p in info.router_pids.items()}
         after = await scrape(info.metrics_urls)
+        epp = await epp_digest(info, run_dir)
     delta = _delta(after, before)
     hits = sum(d["vllm:prefix_cache_hits_total"] for d in delta.values())
     queries = sum(d["vllm:prefix_cache_queries_total"] for d in delta.values())
@@ -180,6 +244,7 @@ async def run_arm(
         "prefix_cache": {"hits": hits, "queries": queries, "hit_rate": hit_rate(hits, queries)},
         "router_cpu_s": {**cpu, "total": sum(cpu.values())},
         "server_counters": delta,
+        **({"epp": epp} if epp else {}),
         "records_file": str(rec_file.relative_to(cfg.out)),
         "run_dir": str(run_dir.relative_to(cfg.out)),
     }
