@@ -58,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (9002)")
     p.add_argument("--grpc-health-port", type=int, default=9003, help="gRPC health port (9003)")
     p.add_argument(
+        "--ext-proc-transport",
+        choices=("h2", "grpcio"),
+        default="h2",
+        help="gRPC server: h2 = pdroute's own HTTP/2 server on the event loop (default, "
+        "several times cheaper per request), grpcio = grpc.aio",
+    )
+    p.add_argument(
         "--metrics-port", type=int, default=9090, help="Prometheus /metrics port (9090; -1 off)"
     )
     cfg = p.add_mutually_exclusive_group()
@@ -237,34 +244,34 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
 async def serve(args: argparse.Namespace, parts: dict[str, Any]) -> int:
     from epp.server import EppServer, ServerOptions
     from epp.server.observability import PoolGauges
-    from epp.server.tls import server_credentials
 
     director = parts["director"]
     source = parts["source"]
     datastore = parts["datastore"]
-    try:
-        creds = server_credentials(args.cert_path) if args.secure_serving else None
-    except ValueError as e:
-        raise StartupError(str(e)) from None
 
     def ready() -> bool:
         return bool(director.ready() and source.ready())
 
-    server = EppServer(
-        parts["handler"],
-        ready,
-        ServerOptions(
-            host=args.host,
-            grpc_port=args.grpc_port,
-            health_port=args.grpc_health_port,
-            metrics_port=args.metrics_port,
-            credentials=creds,
-            max_receive_bytes=args.max_request_body_bytes + (1 << 20),
-            grace_s=args.drain_timeout,
-            drain_notice_s=min(1.0, args.drain_timeout / 2),
-        ),
-        gauges=PoolGauges(datastore),
-    )
+    try:
+        server = EppServer(
+            parts["handler"],
+            ready,
+            ServerOptions(
+                host=args.host,
+                grpc_port=args.grpc_port,
+                health_port=args.grpc_health_port,
+                metrics_port=args.metrics_port,
+                transport=args.ext_proc_transport,
+                secure_serving=args.secure_serving,
+                cert_path=args.cert_path,
+                max_receive_bytes=args.max_request_body_bytes + (1 << 20),
+                grace_s=args.drain_timeout,
+                drain_notice_s=min(1.0, args.drain_timeout / 2),
+            ),
+            gauges=PoolGauges(datastore),
+        )
+    except ValueError as e:
+        raise StartupError(str(e)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -265,6 +265,12 @@ def main() -> int:
         action="store_true",
         help="also measure bare_ext_proc.py (the floor of a Python grpc.aio ext_proc server)",
     )
+    ap.add_argument(
+        "--transport",
+        choices=("h2", "grpcio", "both"),
+        default="h2",
+        help="the EPP's gRPC server (--ext-proc-transport); both = h2 first, then grpcio",
+    )
     ap.add_argument("--json", type=Path, help="also write the JSON result here")
     args = ap.parse_args()
 
@@ -350,58 +356,63 @@ def main() -> int:
         finally:
             alone.stop()
 
-        # 2) Envoy + EPP.
-        grpc_port, health_port = free_port(), free_port()
-        epp = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pdroute.cli",
-                "epp",
-                "--host",
-                "127.0.0.1",
-                "--endpoints",
-                str(tmp / "endpoints.yaml"),
-                "--grpc-port",
-                str(grpc_port),
-                "--grpc-health-port",
-                str(health_port),
-                "--metrics-port",
-                str(free_port()),
-                "--refresh-metrics-interval",
-                args.refresh_metrics_interval,
-                "--secure-serving" if args.tls else "--no-secure-serving",
-                *(["--config-text", RANDOM_CONFIG] if args.scheduling == "random" else []),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp / "epp.log").open("wb"),
-            start_new_session=True,
-            cwd=REPO,
-        )
-        procs.append(epp)
-        wait_epp_ready(health_port, 30, args.tls)
-        with_epp = EnvoyProcess(
-            EnvoyOptions(
-                listen_port=free_port(),
-                admin_port=free_port(),
-                epp_port=grpc_port,
-                pool=pool,
-                epp_tls=args.tls,
-                response_headers=not args.skip_response_headers,
-            ),
-            binary=envoy_bin,
-            workdir=tmp / "envoy-epp",
-        )
-        with_epp.start()
-        try:
-            with_epp.wait_epp_health(True, 15)
-            print("measuring Envoy + EPP", file=sys.stderr)
-            result["envoy_epp"] = measure(
-                "envoy+epp", with_epp, args=args, wrk=wrk, script=script, epp_pid=epp.pid
+        # 2) Envoy + EPP, per transport (the first one is the headline).
+        transports = ["h2", "grpcio"] if args.transport == "both" else [args.transport]
+        for transport in transports:
+            key = "envoy_epp" if transport == transports[0] else f"envoy_epp_{transport}"
+            grpc_port, health_port = free_port(), free_port()
+            epp = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pdroute.cli",
+                    "epp",
+                    "--host",
+                    "127.0.0.1",
+                    "--endpoints",
+                    str(tmp / "endpoints.yaml"),
+                    "--grpc-port",
+                    str(grpc_port),
+                    "--grpc-health-port",
+                    str(health_port),
+                    "--metrics-port",
+                    str(free_port()),
+                    "--refresh-metrics-interval",
+                    args.refresh_metrics_interval,
+                    "--secure-serving" if args.tls else "--no-secure-serving",
+                    "--ext-proc-transport",
+                    transport,
+                    *(["--config-text", RANDOM_CONFIG] if args.scheduling == "random" else []),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=(tmp / "epp.log").open("wb"),
+                start_new_session=True,
+                cwd=REPO,
             )
-        finally:
-            with_epp.stop()
-        stop(epp)
+            procs.append(epp)
+            wait_epp_ready(health_port, 30, args.tls)
+            with_epp = EnvoyProcess(
+                EnvoyOptions(
+                    listen_port=free_port(),
+                    admin_port=free_port(),
+                    epp_port=grpc_port,
+                    pool=pool,
+                    epp_tls=args.tls,
+                    response_headers=not args.skip_response_headers,
+                ),
+                binary=envoy_bin,
+                workdir=tmp / f"envoy-epp-{transport}",
+            )
+            with_epp.start()
+            try:
+                with_epp.wait_epp_health(True, 15)
+                print(f"measuring Envoy + EPP ({transport})", file=sys.stderr)
+                result[key] = measure(
+                    "envoy+epp", with_epp, args=args, wrk=wrk, script=script, epp_pid=epp.pid
+                )
+            finally:
+                with_epp.stop()
+            stop(epp)
 
         # 3) Envoy + the bare reference ext_proc server (optional).
         if args.with_bare:
@@ -468,7 +479,9 @@ def main() -> int:
     rows = [
         ("setup", "conc", "req/s", "p50 ms", "p99 ms", "non-2xx", "EPP CPU s/1k", "net of idle")
     ]
-    setups = [("Envoy alone", a), ("Envoy + EPP", e)]
+    setups = [("Envoy alone", a), (f"Envoy + EPP ({transports[0]})", e)]
+    if "envoy_epp_grpcio" in result:
+        setups.append(("Envoy + EPP (grpcio)", result["envoy_epp_grpcio"]))
     if "envoy_bare_ext_proc" in result:
         setups.append(("Envoy + bare", result["envoy_bare_ext_proc"]))
     for name, data in setups:

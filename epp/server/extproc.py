@@ -19,6 +19,8 @@ from epp.handlers import StreamHandler
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+PROCESS_PATH = f"/{SERVICE_NAME}/Process"
+parse_request = pb.ProcessingRequest.FromString
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,5 +104,51 @@ def server_credentials(cert_path: Path | None) -> Callable[[], grpc.ServerCreden
     def make() -> grpc.ServerCredentials:
         initial = grpc.ssl_server_certificate_configuration([(cd.key_pem, cd.cert_pem)])
         return grpc.dynamic_ssl_server_credentials(initial, cd.fetch)  # type: ignore[arg-type]
+
+    return make
+
+
+def _load_pair(ctx: ssl.SSLContext, key_pem: bytes, cert_pem: bytes) -> None:
+    """``load_cert_chain`` from PEM bytes (it only reads files): a private temp dir,
+    removed at once."""
+    with tempfile.TemporaryDirectory(prefix="pdroute-tls-") as d:
+        key = Path(d) / KEY_FILE
+        cert = Path(d) / CERT_FILE
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem)
+        cert.write_bytes(cert_pem)
+        ctx.load_cert_chain(cert, key)
+
+
+def _h2_context(key_pem: bytes, cert_pem: bytes) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2"])
+    _load_pair(ctx, key_pem, cert_pem)
+    return ctx
+
+
+def server_ssl_context(cert_path: Path | None) -> Callable[[], ssl.SSLContext]:
+    """The same two certificate sources for the EPP's own HTTP/2 server, as
+    ``ssl`` contexts negotiating ALPN ``h2``. With a cert dir, each handshake checks
+    the files' modification times (two ``stat`` calls; Envoy keeps its connections,
+    so handshakes are rare) and switches the connection to a context built from
+    the renewed pair; a half-written pair keeps the previous one."""
+    if cert_path is None:
+        key_pem, cert_pem = self_signed()
+        return lambda: _h2_context(key_pem, cert_pem)
+    cd = CertDir(cert_path)
+    current = [_h2_context(cd.key_pem, cd.cert_pem)]
+
+    def on_hello(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        if cd.fetch() is not None:  # the files changed and the new pair is valid
+            current[0] = _h2_context(cd.key_pem, cd.cert_pem)
+        sslobj.context = current[0]
+
+    def make() -> ssl.SSLContext:
+        base = _h2_context(cd.key_pem, cd.cert_pem)
+        base.sni_callback = on_hello
+        return base
 
     return make

@@ -44,21 +44,22 @@ async def make_stack(envoy_binary: str, tmp_path: Path) -> AsyncIterator[Callabl
         response_body: bool = False,
         response_headers: bool = True,
         mode: str = "pool",
+        transport: str = "h2",
     ) -> Stack:
         backends = [await start_backend() for _ in range(n_backends)]
         for b in backends:
             cleanups.append(b.runner.cleanup)
         director = director or PickDirector(default=[backends[0].key])
-        creds = None
-        if tls:
-            from epp.server.tls import server_credentials
-
-            creds = server_credentials(None)
         epp = EppServer(
             StreamHandler(director, max_request_body_bytes=max_body),
             ready=director.ready,
             options=ServerOptions(
-                host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=-1, credentials=creds
+                host="127.0.0.1",
+                grpc_port=0,
+                health_port=0,
+                metrics_port=-1,
+                secure_serving=tls,
+                transport=transport,
             ),
         )
         await epp.start()

@@ -27,20 +27,26 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+@pytest.fixture(params=["h2", "grpcio"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every server test runs on both gRPC transports, with grpc.aio as the client."""
+    return str(request.param)
+
+
 async def check(channel: grpc.aio.Channel, service: str) -> int:
     stub = health_pb2_grpc.HealthStub(channel)
     r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
     return int(r.status)
 
 
-async def test_health_follows_readiness_and_shutdown() -> None:
+async def test_health_follows_readiness_and_shutdown(transport: str) -> None:
     ready = {"v": False}
     server = EppServer(
         StreamHandler(FakeDirector()),
         ready=lambda: ready["v"],
         options=ServerOptions(
             host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0,
-            readiness_interval_s=0.02,
+            readiness_interval_s=0.02, transport=transport,
         ),
     )  # fmt: skip
     await server.start()
@@ -70,18 +76,16 @@ async def test_health_follows_readiness_and_shutdown() -> None:
         await server.stop(0)
 
 
-async def test_tls_serving_with_a_self_signed_certificate(tmp_path: Path) -> None:
+async def test_tls_serving_with_a_self_signed_certificate(tmp_path: Path, transport: str) -> None:
     key, cert = self_signed()
     (tmp_path / "tls.key").write_bytes(key)
     (tmp_path / "tls.crt").write_bytes(cert)
-    from epp.server.tls import server_credentials
-
     server = EppServer(
         StreamHandler(FakeDirector()),
         ready=lambda: True,
         options=ServerOptions(
             host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=-1,
-            credentials=server_credentials(tmp_path),
+            secure_serving=True, cert_path=tmp_path, transport=transport,
         ),
     )  # fmt: skip
     await server.start()
@@ -172,13 +176,13 @@ def test_pool_gauges_follow_the_datastore() -> None:
     assert _value(metrics.POOL_READY_ENDPOINTS, "prefill") == 0
 
 
-async def test_stop_reports_not_serving_before_refusing_streams() -> None:
+async def test_stop_reports_not_serving_before_refusing_streams(transport: str) -> None:
     server = EppServer(
         StreamHandler(FakeDirector()),
         ready=lambda: True,
         options=ServerOptions(
             host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=-1,
-            drain_notice_s=0.5,
+            drain_notice_s=0.5, transport=transport,
         ),
     )  # fmt: skip
     await server.start()
@@ -196,9 +200,7 @@ async def test_stop_reports_not_serving_before_refusing_streams() -> None:
         await stopping
 
 
-async def test_renewed_certificate_is_served_to_new_connections(tmp_path: Path) -> None:
-    from epp.server.tls import server_credentials
-
+async def test_renewed_certificate_is_served_to_new_connections(tmp_path: Path, transport: str) -> None:
     key1, cert1 = self_signed("first")
     (tmp_path / "tls.key").write_bytes(key1)
     (tmp_path / "tls.crt").write_bytes(cert1)
@@ -207,7 +209,7 @@ async def test_renewed_certificate_is_served_to_new_connections(tmp_path: Path) 
         ready=lambda: True,
         options=ServerOptions(
             host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=-1,
-            credentials=server_credentials(tmp_path),
+            secure_serving=True, cert_path=tmp_path, transport=transport,
         ),
     )  # fmt: skip
     await server.start()
