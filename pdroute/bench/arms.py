@@ -13,7 +13,9 @@ and no arm inherits another's KV state. Then the arm's router:
     The same stack with ``prefill`` of the fleet's servers turned into prefill
     servers (same total server count) and the P/D sidecars in front of decode.
 ``pdroute-precise``
-    The stack with the precise prefix-cache producer fed by the simulators' KV events.
+    The stack with the precise prefix-cache producer fed by the simulators' KV events:
+    the EPP binds one ZMQ address (``kvEventsConfig.zmqEndpoint``) and every
+    simulator's publisher connects to it, as in llm-d's deployments.
 ``round-robin``
     Envoy alone: a STATIC cluster over the fleet with ``lb_policy: ROUND_ROBIN``, no
     ext_proc (rendered from :func:`pdroute.stack.envoy.render_bootstrap`).
@@ -78,8 +80,6 @@ PEERS: dict[str, tuple[str, str]] = {
 }
 PEER_POLICY = {"vllm-router": "cache_aware", "vllm-router-rr": "round_robin"}
 PEER_POLICY["sglang-router"] = "cache_aware"
-
-EVENTS_LABEL = "pdroute.io/kv-events-endpoint"
 
 
 class ArmFailed(Exception):
@@ -208,11 +208,11 @@ class BenchStack(Stack):
     """``pdroute up``'s stack with the benchmark's simulator flags (KV capacity,
     batch size, KV events). Only :meth:`_start_sims` differs."""
 
-    def __init__(self, plan: Plan, fleet: FleetSpec, *, kv_events: bool = False) -> None:
+    def __init__(self, plan: Plan, fleet: FleetSpec, *, kv_events: str | None = None) -> None:
         super().__init__(plan)
         self.fleet = fleet
+        #: ZMQ address the EPP binds for KV events; every simulator connects to it.
         self.kv_events = kv_events
-        self.event_ports: dict[int, int] = {}
 
     def sim_argv(self, port: int, role: str, seed: int) -> list[str]:
         f, a = self.fleet, self.plan.args
@@ -243,8 +243,9 @@ class BenchStack(Stack):
             str(f.max_model_len),
         ]
         if self.kv_events:
-            ev = self.event_ports.setdefault(port, _free_port())
-            argv += ["--kv-events-endpoint", f"tcp://127.0.0.1:{ev}"]
+            # A non-wildcard address: the simulator connects (as vLLM does), and the
+            # topic kv@127.0.0.1:<port>@<model> tells the EPP which endpoint it is.
+            argv += ["--kv-events-endpoint", self.kv_events]
         return argv
 
     async def _start_sims(self, http: aiohttp.ClientSession) -> None:
@@ -269,8 +270,14 @@ class BenchStack(Stack):
             await self._start_sims(http)
 
 
-def precise_config(fleet: FleetSpec) -> str:
-    """EPP config: precise prefix cache (KV events) + queue + KV utilisation."""
+def precise_config(fleet: FleetSpec, events_address: str) -> str:
+    """EPP config: precise prefix cache (KV events) + queue + KV utilisation.
+
+    The EPP binds ``events_address`` (``kvEventsConfig.zmqEndpoint``) and the
+    simulators' publishers connect to it: llm-d's deployment shape ("bind stable,
+    connect volatile"). Both sides connecting (the simulators to their own address,
+    the EPP to the same one via ``discoverPods``) delivers nothing: that was why this
+    arm used to see no KV events at all."""
     doc = {
         "apiVersion": "llm-d.ai/v1alpha1",
         "kind": "EndpointPickerConfig",
@@ -279,7 +286,7 @@ def precise_config(fleet: FleetSpec) -> str:
                 "type": "precise-prefix-cache-producer",
                 "parameters": {
                     "tokenProcessorConfig": {"blockSize": fleet.block_size},
-                    "kvEventsConfig": {"discoverPods": True},
+                    "kvEventsConfig": {"zmqEndpoint": events_address, "discoverPods": False},
                     "speculativeIndexing": True,
                 },
             },
@@ -413,17 +420,16 @@ class Arm:
         if prefill >= fleet.decode:
             raise ArmFailed(f"{name}: prefill ({prefill}) must be below the server count")
         config: Path | None = None
-        if name == "pdroute-precise":
+        events = f"tcp://127.0.0.1:{_free_port()}" if name == "pdroute-precise" else None
+        if events is not None:
             config = self.run_dir / "epp-precise.yaml"
-            config.write_text(precise_config(fleet))
+            config.write_text(precise_config(fleet, events))
         elif name == "pdroute" and self.epp_config is not None:
             config = self.run_dir / "epp-config.yaml"
             config.write_text(self.epp_config)
         args = _stack_args(fleet, self.run_dir, self.model, prefill=prefill, config=config)
         plan = make_plan(args)
-        self.stack = stack = BenchStack(plan, fleet, kv_events=name == "pdroute-precise")
-        if name == "pdroute-precise":
-            _add_event_labels(plan, stack)
+        self.stack = stack = BenchStack(plan, fleet, kv_events=events)
         try:
             if name.startswith("pdroute"):
                 await stack.start()
@@ -490,20 +496,3 @@ def round_robin_bootstrap(plan: Plan, port: int) -> dict[str, Any]:
             c.pop("load_balancing_policy", None)
             c["lb_policy"] = "ROUND_ROBIN"
     return boot
-
-
-def _add_event_labels(plan: Plan, stack: BenchStack) -> None:
-    """Give each endpoint the label the precise producer subscribes to."""
-    original = plan.endpoints
-
-    def endpoints() -> list[dict[str, object]]:
-        eps = original()
-        for e in eps:
-            port = int(str(e.get("metricsPort", e["port"])))
-            labels = e.setdefault("labels", {})
-            assert isinstance(labels, dict)
-            ev = stack.event_ports.setdefault(port, _free_port())
-            labels[EVENTS_LABEL] = f"tcp://127.0.0.1:{ev}"
-        return eps
-
-    plan.endpoints = endpoints  # type: ignore[method-assign]
