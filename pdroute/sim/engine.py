@@ -42,7 +42,7 @@ from typing import Any
 from pdroute.protocol.blockhash import HashFn, hash_block, none_hash, sha256_pickle
 from pdroute.sim.kvcache import BlockPool
 from pdroute.sim.latency import LatencyModel
-from pdroute.sim.metrics import EngineStats
+from pdroute.sim.metrics import EngineStats, Histogram
 from pdroute.sim.tokenizer import Tokenizer
 
 
@@ -86,6 +86,8 @@ class SimRequest:
     seed: int = 0
     #: Called (synchronously) whenever tokens were appended or the request finished.
     listener: Callable[[SimRequest], None] | None = None
+    #: False: ``listener`` is only called when the request finished (non-streaming).
+    notify_tokens: bool = True
     state: ReqState = ReqState.WAITING
     output_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
@@ -102,10 +104,11 @@ class SimRequest:
     t_first_token: float = 0.0
     t_last_token: float = 0.0
     t_finished: float = 0.0
+    #: ``len(prompt_ids)`` (the prompt never changes).
+    num_prompt_tokens: int = field(init=False, default=0)
 
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.prompt_ids)
 
     @property
     def finished(self) -> bool:
@@ -160,6 +163,9 @@ class Engine:
         self.leases: OrderedDict[str, Lease] = OrderedDict()
         self._prefilling: list[SimRequest] = []
         self._step_start = 0.0
+        self._root_hash: bytes | None = None
+        #: Fold the histograms' pending observations when generation_tokens reaches this.
+        self._fold_at = 0.0
 
     # ---- admission ------------------------------------------------------------------
     def blocks_needed(self, req: SimRequest) -> int:
@@ -186,16 +192,19 @@ class Engine:
     def _grow_running(self) -> None:
         """Give each running request the blocks this step writes, preempting if needed."""
         pool = self.pool
+        bs = pool.block_size
+        running = self.running
         i = 0
-        while i < len(self.running):
-            req = self.running[i]
-            need = self._blocks_for_step(req) - len(req.block_ids)
+        while i < len(running):
+            req = running[i]
+            # = self._blocks_for_step(req) - len(req.block_ids), inlined (hot loop)
+            need = -(-(req.num_prompt_tokens + len(req.output_ids) + 1) // bs) - len(req.block_ids)
             while need > 0:
                 got = pool.allocate([], need)
                 if got is not None:
                     req.block_ids.extend(got)
                     break
-                victim = self.running[-1]
+                victim = running[-1]
                 self._preempt(victim)  # vLLM preempts the last-scheduled request
                 if victim is req:
                     break
@@ -248,11 +257,29 @@ class Engine:
     # ---- stepping -------------------------------------------------------------------
     def schedule(self, now: float) -> float | None:
         """Admit requests and plan one step; returns its duration or None when idle."""
-        self.expire_leases(now)
+        if self.leases:
+            self.expire_leases(now)
+        if self.running:
+            self._grow_running()
+        admitted = self._admit(now) if self.loaded or self.waiting else []
+        if self.pool.pending_events:
+            self._flush_events()
+        if not self.running:
+            self._prefilling = []
+            return None
+        self._prefilling = admitted
+        self._step_start = now
+        if not admitted:  # decode-only step: = latency.step(len(running), [])
+            return self.latency.itl(len(self.running))
+        prefill = [self._prefill_tokens(r) for r in admitted]
+        decoding = len(self.running) - len(admitted)
+        return self.latency.step(decoding, prefill)
+
+    def _admit(self, now: float) -> list[SimRequest]:
+        """Move loaded, then waiting requests (FCFS) to running; returns the admitted ones."""
         stats = self.stats
         bs = self.pool.block_size
         admitted: list[SimRequest] = []
-        self._grow_running()
         while self.loaded and len(self.running) < self.max_num_seqs:
             req = self.loaded.popleft()
             req.state = ReqState.RUNNING
@@ -297,15 +324,7 @@ class Engine:
             admitted.append(req)
             if req.lora_name:
                 active_loras.add(req.lora_name)
-        self._flush_events()
-        if not self.running:
-            self._prefilling = []
-            return None
-        self._prefilling = admitted
-        self._step_start = now
-        prefill = [self._prefill_tokens(r) for r in admitted]
-        decoding = len(self.running) - len(admitted)
-        return self.latency.step(decoding, prefill) if decoding or prefill else 0.0
+        return admitted
 
     def _cache_generated(self, req: SimRequest) -> None:
         """Prefix-cache blocks filled by generated tokens (vLLM caches them too).
@@ -330,7 +349,7 @@ class Engine:
             extra = (req.lora_name,) if req.lora_name else None
             h = hash_block(
                 self.hash_fn,
-                parent if parent is not None else self._root(),
+                parent if parent is not None else self.root_hash(),
                 tokens,
                 extra,
             )
@@ -345,8 +364,12 @@ class Engine:
                 extra_keys=extra,
             )
 
-    def _root(self) -> bytes:
-        return none_hash(self.hash_fn, self.hash_seed)
+    def root_hash(self) -> bytes:
+        """vLLM's NONE_HASH for this engine's hash function and seed (computed once)."""
+        root = self._root_hash
+        if root is None:
+            root = self._root_hash = none_hash(self.hash_fn, self.hash_seed)
+        return root
 
     @staticmethod
     def _prefill_tokens(r: SimRequest) -> int:
@@ -358,14 +381,22 @@ class Engine:
     def complete_step(self, now: float) -> None:
         """Emit one token per running request (the first for newly prefilled ones)."""
         stats = self.stats
-        prefilling = set(self._prefilling)
+        prefilling = set(self._prefilling) if self._prefilling else ()
         self._prefilling = []
         pool = self.pool
+        bs = pool.block_size
+        output_token = self.tokenizer.output_token
+        observe_itl = stats.h_itl.observe
         finished: list[SimRequest] = []
         step_tokens = 0
-        for req in self.running:
-            pos = len(req.output_ids)
-            if req in prefilling and req.output_ids:  # resumed after preemption
+        running = self.running
+        for req in running:
+            out = req.output_ids
+            pos = len(out)
+            if not prefilling or req not in prefilling:
+                observe_itl(now - req.t_last_token)
+                step_tokens += 1
+            elif out:  # resumed after preemption
                 step_tokens += self._prefill_tokens(req)
                 pool.commit(
                     req.block_ids[: len(req.block_hashes)],
@@ -376,7 +407,7 @@ class Engine:
                     lora_name=req.lora_name,
                     extra_keys=(req.lora_name,) if req.lora_name else None,
                 )
-            elif req in prefilling:
+            else:
                 computed = req.num_prompt_tokens - req.num_cached_tokens - req.num_external_tokens
                 step_tokens += computed
                 stats.prompt_tokens += req.num_prompt_tokens
@@ -402,29 +433,33 @@ class Engine:
                     lora_name=req.lora_name,
                     extra_keys=(req.lora_name,) if req.lora_name else None,
                 )
-            else:
-                stats.h_itl.observe(now - req.t_last_token)
-                step_tokens += 1
-            req.output_ids.append(self.tokenizer.output_token(req.seed, pos))
+            out.append(output_token(req.seed, pos))
             req.t_last_token = now
-            self._cache_generated(req)
-            stats.generation_tokens += 1
-            n = len(req.output_ids)
+            # Blocks whose KV is now computed (all tokens but the newest): cache new full ones.
+            if (req.num_prompt_tokens + pos) // bs > len(req.block_hashes) + len(
+                req.generated_hashes
+            ):
+                self._cache_generated(req)
+            n = pos + 1
             if n >= req.max_tokens:
                 req.finish_reason = "length"
                 finished.append(req)
             elif req.stop_after is not None and n >= req.stop_after:
                 req.finish_reason = "stop"
                 finished.append(req)
-            elif req.listener is not None:
+            elif req.notify_tokens and req.listener is not None:
                 req.listener(req)
+        stats.generation_tokens += len(running)
         if step_tokens:
             stats.h_iteration_tokens.observe(step_tokens)
         if finished:
             done = set(finished)
-            self.running = [r for r in self.running if r not in done]
+            self.running = [r for r in running if r not in done]
             for req in finished:
                 self._finish(req, req.finish_reason or "length", now)
+        if stats.generation_tokens >= self._fold_at:
+            stats.fold()
+            self._fold_at = stats.generation_tokens + Histogram.FOLD_AT
         self._flush_events()
 
     def load_finished(self, req: SimRequest, error: str | None, now: float) -> None:

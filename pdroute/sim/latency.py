@@ -134,6 +134,10 @@ class LatencyModel:
         self.profile = profile
         self.max_num_seqs = max(1, max_num_seqs)
         self._rng = random.Random(seed)
+        #: Mean ITL by batch size (0..max_num_seqs), precomputed: one lookup per step.
+        self._itl_mean = [
+            profile.itl_s * self.load_multiplier(b) for b in range(self.max_num_seqs + 1)
+        ]
 
     def _jitter(self, mean: float) -> float:
         j = self.profile.jitter
@@ -150,6 +154,9 @@ class LatencyModel:
         return 1.0 + (f - 1.0) * frac
 
     def itl(self, batch: int) -> float:
+        if batch <= self.max_num_seqs:
+            mean = self._itl_mean[batch]
+            return self._jitter(mean) if self.profile.jitter > 0.0 else mean
         return self._jitter(self.profile.itl_s * self.load_multiplier(batch))
 
     def prefill(self, uncached_tokens: int, batch: int = 1) -> float:

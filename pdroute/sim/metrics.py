@@ -50,21 +50,67 @@ def _labels(pairs: dict[str, str]) -> str:
 
 
 class Histogram:
-    __slots__ = ("bounds", "counts", "labels", "rendered", "sum", "version")
+    """Prometheus histogram. Invariant: ``counts``/``sum``/``version`` include every
+    observed value; observations are appended to a pending list (``observe`` *is*
+    ``list.append``, no Python frame per observation) and folded into the buckets when
+    read or when :meth:`fold_if_large` sees more than :data:`FOLD_AT` pending.
+    """
+
+    __slots__ = (
+        "_counts",
+        "_pending",
+        "_sum",
+        "_version",
+        "bounds",
+        "labels",
+        "observe",
+        "rendered",
+    )
+
+    #: Pending observations kept before they are folded (bounded memory).
+    FOLD_AT = 4096
 
     def __init__(self, buckets: str) -> None:
         self.labels = [*buckets.split(), "+Inf"]
         self.bounds = [float(x) for x in buckets.split()]
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-        self.version = 0
+        self._counts = [0] * (len(self.bounds) + 1)
+        self._sum = 0.0
+        self._version = 0
+        self._pending: list[float] = []
+        self.observe: Callable[[float], None] = self._pending.append
         #: (version, text) of the last rendering, reused while nothing was observed.
         self.rendered: tuple[int, str] = (-1, "")
 
-    def observe(self, v: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, v)] += 1
-        self.sum += v
-        self.version += 1
+    def fold(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        bounds, counts, total = self.bounds, self._counts, self._sum
+        for v in pending:
+            counts[bisect.bisect_left(bounds, v)] += 1
+            total += v
+        self._sum = total
+        self._version += len(pending)
+        pending.clear()
+
+    def fold_if_large(self) -> None:
+        if len(self._pending) > self.FOLD_AT:
+            self.fold()
+
+    @property
+    def counts(self) -> list[int]:
+        self.fold()
+        return self._counts
+
+    @property
+    def sum(self) -> float:
+        self.fold()
+        return self._sum
+
+    @property
+    def version(self) -> int:
+        self.fold()
+        return self._version
 
     @property
     def count(self) -> int:
@@ -119,6 +165,12 @@ class EngineStats:
     h_preemptions: Histogram = field(default_factory=lambda: Histogram(_PREEMPT))
     h_prefill_computed: Histogram = field(default_factory=lambda: Histogram(_TOKENS))
     nixl: NixlStats = field(default_factory=NixlStats)
+
+    def fold(self) -> None:
+        """Fold every histogram's pending observations (bounds their memory)."""
+        for v in (*vars(self).values(), *vars(self.nixl).values()):
+            if isinstance(v, Histogram):
+                v.fold()
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from pdroute.protocol.headers import SERVED_BY
 from pdroute.sim import api
 from pdroute.sim.config import SimConfig, substitute
 from pdroute.sim.engine import Engine, QueueFull, RemoteSource, SimRequest
+from pdroute.sim.hashmemo import memo_hash
 from pdroute.sim.http import HttpServer, Request, Response, Stream
 from pdroute.sim.kvcache import BlockPool
 from pdroute.sim.kvevents import KVEventPublisher
@@ -74,7 +75,7 @@ class SimServer:
         config.validate()
         self.cfg = config
         self.rank = rank
-        self.hash_fn = hash_function(config.hash_algo)
+        self.hash_fn = memo_hash(hash_function(config.hash_algo))
         self.tok = Tokenizer(config.vocab_size)
         self.stats = EngineStats()
         self.pool = BlockPool(config.num_blocks, config.block_size)
@@ -123,8 +124,15 @@ class SimServer:
             nixl=config.role != "none",
         )
         self._rng = random.Random(config.seed * 7919 + rank)
-        self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
+        #: Engine driver state (callbacks on the event loop, no task): a scheduling pass
+        #: queued with call_soon, the timer ending the step in flight, the idle wake-up
+        #: for the next lease expiry. At most one of _soon/_in_step is set.
+        self._loop: asyncio.AbstractEventLoop  # set by start()
+        self._soon: asyncio.Handle | None = None
+        self._in_step: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        #: Request ids: random, not secret (uuid4 costs a getrandom syscall per request).
+        self._ids = random.Random()
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: HttpServer | None = None
         self._routes = self._route_table()
@@ -175,8 +183,7 @@ class SimServer:
             raise
 
     async def _start(self, port: int | None, side_channel_port: int | None) -> None:
-        loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         want = self.cfg.port + self.rank if self.cfg.port and port is None else (port or 0)
         self._http = HttpServer(self._dispatch, max_body=MAX_BODY)
         self.port = await self._http.start(self.host, want, backlog=1024)
@@ -216,7 +223,7 @@ class SimServer:
                 buffer_steps=self.cfg.replay_buffer_steps,
             )
             self.publisher.start()
-        self._loop_task = loop.create_task(self._engine_loop(), name=f"sim-engine-{self.port}")
+        self._kick()
 
     def _use_nixl(self) -> bool:
         mode = self.cfg.kv_transport
@@ -230,11 +237,10 @@ class SimServer:
 
     async def stop(self) -> None:
         self._closing = True
-        self._wake.set()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        for h in (self._soon, self._in_step, self._idle_timer):
+            if h is not None:
+                h.cancel()
+        self._soon = self._in_step = self._idle_timer = None
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
@@ -250,23 +256,39 @@ class SimServer:
             self.nixl.close()
 
     # ---- engine loop ----------------------------------------------------------------
-    async def _engine_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        engine = self.engine
-        while not self._closing:
-            now = loop.time()
-            dur = engine.schedule(now)
-            if dur is None:
-                self._wake.clear()
-                deadline = engine.next_deadline()
-                if deadline is None:
-                    await self._wake.wait()
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - now))
-                continue
-            await asyncio.sleep(dur)
-            engine.complete_step(loop.time())
+    # Callbacks rather than a task that sleeps: one timer per step and no coroutine
+    # switches; the step semantics are the loop's: schedule, wait the step's duration,
+    # complete it, schedule again at once; when idle, wait for work or the next lease expiry.
+    def _kick(self) -> None:
+        """There may be new work: run a scheduling pass soon unless one is due anyway."""
+        if self._closing or self._soon is not None or self._in_step is not None:
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self._soon = self._loop.call_soon(self._step)
+
+    def _step(self) -> None:
+        self._soon = None
+        self._idle_timer = None
+        if self._closing:
+            return
+        loop = self._loop
+        now = loop.time()
+        dur = self.engine.schedule(now)
+        if dur is not None:
+            self._in_step = loop.call_at(now + dur, self._complete_step)
+            return
+        deadline = self.engine.next_deadline()
+        if deadline is not None:
+            self._idle_timer = loop.call_at(max(now, deadline), self._kick)
+
+    def _complete_step(self) -> None:
+        self._in_step = None
+        if self._closing:
+            return
+        self.engine.complete_step(self._loop.time())
+        self._step()
 
     def _submit(self, req: SimRequest) -> None:
         try:
@@ -275,7 +297,7 @@ class SimServer:
             raise api.ApiError(503, "Scheduler waiting queue is full") from None
         except ValueError as e:
             raise api.ApiError(400, str(e)) from None
-        self._wake.set()
+        self._kick()
 
     def _publish(self, events: list[Any]) -> None:
         if self.publisher is not None:
@@ -344,7 +366,7 @@ class SimServer:
             nixl.failed_transfers += 1
             error = str(e)
         self.engine.load_finished(req, error, loop.time())
-        self._wake.set()
+        self._kick()
 
     def _remote_source(self, ktp: dict[str, Any]) -> RemoteSource:
         try:
@@ -458,6 +480,7 @@ class SimServer:
                     fut.set_result(None)
 
             req.listener = done
+            req.notify_tokens = False
             self._submit(req)
             try:
                 await fut
@@ -487,11 +510,11 @@ class SimServer:
             p.prompt_ids,
             self.cfg.block_size,
             self.hash_fn,
-            seed=self.cfg.hash_seed,
             extra_keys=(p.lora,) if p.lora else None,
+            parent=self.engine.root_hash(),  # = none_hash(hash_fn, hash_seed), cached
         )
         return SimRequest(
-            request_id=f"{prefix}-{uuid.uuid4().hex[:16]}",
+            request_id=f"{prefix}-{self._ids.getrandbits(64):016x}",
             prompt_ids=p.prompt_ids,
             block_hashes=hashes,
             max_tokens=p.max_tokens,
@@ -661,7 +684,7 @@ class SimServer:
                 raise api.ApiError(400, "prompt must be a string", "prompt")
             ids = self.tok.encode(prompt, True)
             hashes = chain_block_hashes(
-                ids, self.cfg.block_size, self.hash_fn, seed=self.cfg.hash_seed
+                ids, self.cfg.block_size, self.hash_fn, parent=self.engine.root_hash()
             )
             n = len(self.pool.lookup(hashes))
             return _json(

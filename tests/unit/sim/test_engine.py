@@ -9,7 +9,7 @@ from pdroute.protocol.kv_events import BlockStored
 from pdroute.sim.engine import Engine, QueueFull, RemoteSource, ReqState, SimRequest
 from pdroute.sim.kvcache import BlockPool
 from pdroute.sim.latency import LatencyModel, get_profile
-from pdroute.sim.metrics import EngineStats
+from pdroute.sim.metrics import EngineStats, Histogram
 
 BS = 4
 
@@ -275,3 +275,14 @@ def test_generated_blocks_are_cached_and_hit_by_the_next_turn() -> None:
     e.add(nxt, t)
     run(e, t)
     assert nxt.num_cached_tokens == 16
+
+
+def test_histogram_observations_are_folded_as_tokens_flow() -> None:
+    e = make_engine(num_blocks=2048, max_num_seqs=4)
+    reqs = [make_req([i] * 5, max_tokens=1500) for i in range(4)]
+    for r in reqs:
+        e.add(r, 0.0)
+    run(e, limit=2000)
+    assert len(e.stats.h_itl._pending) <= Histogram.FOLD_AT + 4
+    assert e.stats.h_itl.count == 4 * 1499  # nothing lost by folding
+    assert e.stats.generation_tokens == 4 * 1500

