@@ -215,6 +215,16 @@ def measure(
         out["epp_idle_cpu_cores"] = round(idle_rate, 4)
     run_wrk(wrk, url, script, args.concurrency, args.warmup)  # warm caches and connections
     for conc in (1, args.concurrency):
+        spy = None
+        if epp_pid and args.profile:
+            # Sampling profile of the EPP under load (py-spy: `pip install py-spy`).
+            svg = args.profile / f"{name.replace('+', '-')}-c{conc}.txt"
+            spy = subprocess.Popen(
+                [shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(epp_pid), "-f", "raw",
+                 "-o", str(svg), "-d", str(int(args.duration)), "-r", "200", "--nonblocking"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         cpu0 = {"envoy": cpu_seconds(envoy.proc.pid)}
         if epp_pid:
             cpu0["epp"] = cpu_seconds(epp_pid)
@@ -230,6 +240,8 @@ def measure(
                 max(used - idle_rate * wall, 0.0) / reqs * 1000, 4
             )
         out[f"c{conc}"] = res
+        if spy is not None:
+            spy.wait(30)
         print(f"  {name} c={conc}: {res}", file=sys.stderr)
     return out
 
@@ -270,6 +282,12 @@ def main() -> int:
         choices=("h2", "grpcio", "both"),
         default="h2",
         help="the EPP's gRPC server (--ext-proc-transport); both = h2 first, then grpcio",
+    )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        help="directory for py-spy sampling profiles (raw folded stacks) of the EPP "
+        "during the throughput run",
     )
     ap.add_argument("--json", type=Path, help="also write the JSON result here")
     args = ap.parse_args()

@@ -79,6 +79,8 @@ MIN_FRAME = 16_384
 OUR_MAX_FRAME = 1 << 20
 #: Largest header block (HEADERS + CONTINUATION) accepted, encoded.
 MAX_HEADER_BLOCK = 64 * 1024
+#: Distinct repeated header blocks remembered per connection (see _decode_headers).
+HEADER_CACHE_SIZE = 16
 
 _FRAME = struct.Struct(">BHBBI")  # length (24 bits as 8+16), type, flags, stream id
 _U32 = struct.Struct(">I")
@@ -276,6 +278,9 @@ class _Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.preface_ok = False
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+        self.hcache: dict[
+            bytes, tuple[tuple[object, int, int, int], list[tuple[bytes, bytes]]]
+        ] = {}
         self.streams: dict[int, ServerStream] = {}
         self.last_sid = 0
         self.goaway_sent = False
@@ -537,10 +542,7 @@ class _Connection(asyncio.Protocol):
             self._on_header_block(sid, cont[1], memoryview(cont[2]))
 
     def _on_header_block(self, sid: int, end_stream: bool, block: memoryview) -> None:
-        try:
-            fields = self.decoder.decode(bytes(block), raw=True)
-        except hpack.exceptions.HPACKError as err:
-            raise _ConnectionError(COMPRESSION_ERROR, f"HPACK: {err}") from None
+        fields = self._decode_headers(bytes(block))
         s = self.streams.get(sid)
         if s is not None:  # trailers from the client: only END_STREAM matters
             if end_stream:
@@ -573,6 +575,36 @@ class _Connection(asyncio.Protocol):
             self._finish(stream, UNIMPLEMENTED, f"unknown method {path.decode('latin-1')}")
             return
         stream.task = self.loop.create_task(self._run(stream, method.handler))
+
+    def _table_state(self) -> tuple[object, int, int, int]:
+        t = self.decoder.header_table
+        entries = t.dynamic_entries
+        # The newest entry itself (not its id): holding it keeps its identity unique.
+        return (entries[0] if entries else None, len(entries), t._current_size, t._maxsize)
+
+    def _decode_headers(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """HPACK-decode ``block``, reusing the result for a repeated block.
+
+        Envoy sends the same few header bytes for every stream it opens. A block
+        that did not change the dynamic table decodes to the same fields as long as
+        the table is unchanged, so those results are cached with the table's state
+        (newest entry, length, size, limit: every change alters one of them)."""
+        hit = self.hcache.get(block)
+        state = self._table_state()
+        if hit is not None:
+            cached_state, fields = hit
+            if cached_state[0] is state[0] and cached_state[1:] == state[1:]:
+                return fields
+        try:
+            fields = [(bytes(k), bytes(v)) for k, v in self.decoder.decode(block, raw=True)]
+        except hpack.exceptions.HPACKError as err:
+            raise _ConnectionError(COMPRESSION_ERROR, f"HPACK: {err}") from None
+        after = self._table_state()
+        if after[0] is state[0] and after[1:] == state[1:]:
+            if len(self.hcache) >= HEADER_CACHE_SIZE:
+                self.hcache.clear()
+            self.hcache[block] = (state, fields)
+        return fields
 
     async def _run(self, stream: ServerStream, handler: MethodHandler) -> None:
         code, message = OK, ""

@@ -374,3 +374,29 @@ async def test_graceful_stop_lets_running_streams_finish() -> None:
     msgs, trailers = await c.response(sid)
     assert msgs == ["done"] and trailers["grpc-status"] == "0"
     await asyncio.wait_for(stopping, 2)
+
+
+async def test_repeated_header_blocks_follow_dynamic_table_changes(server: Any) -> None:
+    """Identical header bytes are decoded once and reused, but only while the HPACK
+    dynamic table they refer to is unchanged."""
+    _, port, _ = server
+    c = await connect(port)
+    first = c.headers_block(ECHO)  # adds :path, :authority, content-type, te
+    again = c.headers_block(ECHO)  # all indexed: refers to those entries
+    assert again != first
+
+    async def call(block: bytes) -> dict[str, str]:
+        c.sid += 2
+        c.w.write(frame(HEADERS, END_HEADERS, c.sid, block))
+        c.send(c.sid, grpc_msg("q"), end=True)
+        return (await c.response(c.sid))[1]
+
+    assert (await call(first))["grpc-status"] == "0"
+    assert (await call(again))["grpc-status"] == "0"
+    assert (await call(again))["grpc-status"] == "0"  # from the cache
+    # ":path: /test.Echo/Fail", literal with incremental indexing (static name 4):
+    # it becomes entry 62 and shifts the others, so `again` now reads :path = Fail.
+    path = FAIL.encode()
+    add_fail = bytes([0x44, len(path)]) + path
+    assert (await call(add_fail))["grpc-status"] == str(h2grpc.UNKNOWN)  # no content-type
+    assert (await call(again))["grpc-status"] == str(h2grpc.INTERNAL)  # the Fail method
