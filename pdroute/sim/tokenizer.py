@@ -218,10 +218,11 @@ class Tokenizer:
         return tid
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        get = self._cache.get
-        piece_id = self._piece_id
-        # ids are never 0, so ``or`` only falls through on a cache miss
-        ids = [get(p) or piece_id(p) for p in _PIECE_RE.findall(text)]
+        pieces = _PIECE_RE.findall(text)
+        ids: list[int] = list(map(self._cache.get, pieces))  # type: ignore[arg-type]
+        if None in ids:  # cache misses (new pieces): hash them
+            piece_id = self._piece_id
+            ids = [piece_id(p) if t is None else t for p, t in zip(pieces, ids, strict=True)]
         if add_special_tokens:
             ids.insert(0, BOS_ID)
         return ids
