@@ -253,6 +253,12 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--concurrency", type=int, default=64, help="throughput run concurrency")
     ap.add_argument("--tls", action="store_true", help="TLS between Envoy and the EPP")
+    ap.add_argument(
+        "--envoy-concurrency",
+        type=int,
+        default=1,
+        help="Envoy worker threads (Envoy's own default is one per core)",
+    )
     ap.add_argument("--refresh-metrics-interval", default="100ms")
     ap.add_argument(
         "--skip-response-headers",
@@ -363,6 +369,7 @@ def main() -> int:
                 epp_enabled=False,
             ),
             binary=envoy_bin,
+            concurrency=args.envoy_concurrency,
             workdir=tmp / "envoy-alone",
         )
         alone.start()
@@ -419,6 +426,7 @@ def main() -> int:
                     response_headers=not args.skip_response_headers,
                 ),
                 binary=envoy_bin,
+                concurrency=args.envoy_concurrency,
                 workdir=tmp / f"envoy-epp-{transport}",
             )
             with_epp.start()
@@ -457,6 +465,7 @@ def main() -> int:
                     response_headers=not args.skip_response_headers,
                 ),
                 binary=envoy_bin,
+                concurrency=args.envoy_concurrency,
                 workdir=tmp / "envoy-bare",
             )
             with_bare.start()

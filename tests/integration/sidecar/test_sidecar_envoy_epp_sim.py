@@ -67,6 +67,15 @@ class Stack:
     def __init__(self, work: Path, envoy_binary: str) -> None:
         self.work = work
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.envoy: EnvoyProcess | None = None
+        try:
+            self._start(envoy_binary)
+        except BaseException:
+            self.stop()  # a failed start must not leave processes behind
+            raise
+
+    def _start(self, envoy_binary: str) -> None:
+        work = self.work
         self.prefill, self.decode = free_port(), free_port()
         for port, role in ((self.prefill, "prefill"), (self.decode, "decode")):
             self._spawn(
@@ -126,8 +135,14 @@ class Stack:
         self.procs.append(p)
         return p
 
+    @property
+    def url(self) -> str:
+        assert self.envoy is not None
+        return self.envoy.url
+
     def stop(self) -> None:
-        self.envoy.stop()
+        if self.envoy is not None:
+            self.envoy.stop()
         for p in reversed(self.procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -155,7 +170,7 @@ def test_epp_decides_long_prompt_disaggregated_short_not(stack: Stack) -> None:
 
     status, raw = http(
         "POST",
-        f"{stack.envoy.url}/v1/completions",
+        f"{stack.url}/v1/completions",
         {"model": "m", "prompt": long_prompt, "max_tokens": 4},
         {"x-prefiller-host-port": "10.6.6.6:80"},  # a client cannot pick the prefiller
     )
@@ -169,7 +184,7 @@ def test_epp_decides_long_prompt_disaggregated_short_not(stack: Stack) -> None:
 
     status, raw = http(
         "POST",
-        f"{stack.envoy.url}/v1/completions",
+        f"{stack.url}/v1/completions",
         {"model": "m", "prompt": "Hi!", "max_tokens": 4},
     )
     assert status == 200, raw[:500]
