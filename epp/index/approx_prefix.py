@@ -37,6 +37,78 @@ _LE64 = 8
 _xxh64: HashFn = xxhash.xxh64_intdigest
 
 
+def _chain(data: bytes, prev: int, block_chars: int, hash_fn: HashFn) -> list[int]:
+    """``h_i = H(block_i || LE64(h_{i-1}))`` over ``data``, starting from ``prev``."""
+    out: list[int] = []
+    append = out.append
+    for start in range(0, len(data), block_chars):
+        prev = hash_fn(data[start : start + block_chars] + prev.to_bytes(_LE64, "little"))
+        append(prev)
+    return out
+
+
+#: Blocks per memoized span (see :class:`_SpanMemo`).
+SPAN_BLOCKS = 16
+#: Bytes of prompt text the span memo may hold as keys (values are ~10% on top).
+SPAN_MEMO_BYTES = 4 << 20
+
+
+class _SpanMemo:
+    """Chained hashes of whole spans of ``SPAN_BLOCKS`` blocks, keyed by
+    ``(block_chars, hash before the span, span bytes)``.
+
+    Prompts that share a prefix (system prompts, earlier turns) share its spans, and
+    a span's hashes depend only on that key, so a hit returns exactly what hashing
+    the span block by block would: one C-level bytes hash and compare instead of
+    ``SPAN_BLOCKS`` slices, concatenations and xxhash calls. Only the built-in hash
+    function is memoized (an injected one is always called).
+
+    Invariant: the summed length of the key bytes is at most ``limit`` (oldest
+    entries are dropped first), so memory is bounded whatever the traffic.
+    """
+
+    __slots__ = ("_bytes", "_entries", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._entries: dict[tuple[int, int, bytes], list[int]] = {}
+        self._bytes = 0
+
+    def hashes(self, data: bytes, prev: int, block_chars: int) -> list[int]:
+        """Hashes of ``data`` (a whole number of spans) chained from ``prev``."""
+        span = block_chars * SPAN_BLOCKS
+        out: list[int] = []
+        entries = self._entries
+        for pos in range(0, len(data), span):
+            chunk = data[pos : pos + span]
+            key = (block_chars, prev, chunk)
+            got = entries.get(key)
+            if got is None:
+                got = _chain(chunk, prev, block_chars, _xxh64)
+                self._bytes += span
+                while self._bytes > self.limit and entries:
+                    old = next(iter(entries))
+                    del entries[old]
+                    self._bytes -= len(old[2])
+                if self._bytes <= self.limit:
+                    entries[key] = got
+                else:  # pragma: no cover - a span larger than the whole budget
+                    self._bytes -= span
+            out += got
+            prev = got[-1]
+        return out
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+
+_SPANS = _SpanMemo(SPAN_MEMO_BYTES)
+
+
 def prefix_hashes(
     text: str,
     model: str,
@@ -48,7 +120,9 @@ def prefix_hashes(
 ) -> list[int]:
     """The chained block hashes of ``text`` (at most ``max_blocks``).
 
-    Text shorter than one block yields no hashes (nothing worth matching).
+    Text shorter than one block yields no hashes (nothing worth matching). Whole
+    spans of :data:`SPAN_BLOCKS` blocks go through a bounded memo (same values,
+    see :class:`_SpanMemo`); the tail is hashed block by block.
     """
     if block_chars <= 0 or max_blocks <= 0:
         return []
@@ -60,11 +134,13 @@ def prefix_hashes(
     if n < block_chars:
         return []
     prev = hash_fn((model + salt).encode("utf-8", "surrogatepass"))
-    out: list[int] = []
-    append = out.append
-    for start in range(0, n, block_chars):
-        prev = hash_fn(data[start : start + block_chars] + prev.to_bytes(_LE64, "little"))
-        append(prev)
+    span = block_chars * SPAN_BLOCKS
+    cut = n - n % span if hash_fn is _xxh64 else 0
+    if cut == 0:
+        return _chain(data, prev, block_chars, hash_fn)
+    out = _SPANS.hashes(data[:cut] if cut < n else data, prev, block_chars)
+    if cut < n:
+        out += _chain(data[cut:], out[-1], block_chars, hash_fn)
     return out
 
 

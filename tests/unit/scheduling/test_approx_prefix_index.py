@@ -173,3 +173,59 @@ def test_add_keeps_the_exact_lru_order_of_touching_blocks_one_by_one() -> None:
             for e, od in ref.items():
                 assert list(idx._lru.get(e, {})) == list(od), seed
             idx.check_invariant()
+
+
+def _reference_hashes(
+    text: str, model: str, block_chars: int, max_blocks: int, salt: str
+) -> list[int]:
+    """The formula, block by block, with no memo."""
+    data = text.encode("utf-8", "surrogatepass")[: block_chars * max_blocks]
+    if len(data) < block_chars:
+        return []
+    prev = xx((model + salt).encode())
+    out = []
+    for i in range(0, len(data), block_chars):
+        prev = xx(data[i : i + block_chars] + prev.to_bytes(8, "little"))
+        out.append(prev)
+    return out
+
+
+def test_span_memo_returns_exactly_the_formula_for_shared_and_fresh_prefixes() -> None:
+    import random
+
+    from epp.index import approx_prefix
+
+    rng = random.Random(5)
+    shared = [
+        "".join(rng.choice("abcé€ \n") for _ in range(rng.randint(0, 3000))) for _ in range(4)
+    ]
+    for i in range(300):
+        block = rng.choice([1, 4, 7, 64])
+        span = block * approx_prefix.SPAN_BLOCKS
+        tail_len = rng.choice([0, 1, block - 1, block, span - 1, span, span + 1, 500])
+        text = rng.choice(shared) + "".join(rng.choice("xyz€") for _ in range(tail_len))
+        model, salt = rng.choice([("m", ""), ("m", "s"), ("other", "")])
+        max_blocks = rng.choice([1, 3, 16, 17, 100, 10_000])
+        got = prefix_hashes(text, model, block_chars=block, max_blocks=max_blocks, salt=salt)
+        assert got == _reference_hashes(text, model, block, max_blocks, salt), i
+    assert len(approx_prefix._SPANS) > 0  # the memo was used (and hit: prefixes repeat)
+
+
+def test_span_memo_is_bounded_by_bytes() -> None:
+    from epp.index.approx_prefix import SPAN_BLOCKS, _SpanMemo
+
+    memo = _SpanMemo(limit=8 * SPAN_BLOCKS * 10)  # room for 10 spans of 8-byte blocks
+    for i in range(50):
+        data = bytes([i]) * (8 * SPAN_BLOCKS * 2)
+        first = memo.hashes(data, i, 8)
+        again = memo.hashes(data, i, 8)
+        assert first == again == _reference_chain(data, i, 8)
+        assert memo._bytes <= memo.limit and len(memo) <= 10
+
+
+def _reference_chain(data: bytes, prev: int, block: int) -> list[int]:
+    out = []
+    for i in range(0, len(data), block):
+        prev = xx(data[i : i + block] + prev.to_bytes(8, "little"))
+        out.append(prev)
+    return out
