@@ -8,6 +8,7 @@ from epp.config.errors import ConfigError, Params
 from epp.config.kinds import PluginKind, known_plugin_types, plugin_kind, register_plugin_kind
 from epp.config.loader import (
     DEFAULT_CONFIG_PATH,
+    GIE_DEFAULT_PATH,
     PD_EXAMPLE_PATH,
     load_config,
     load_config_text,
@@ -25,6 +26,7 @@ from epp.config.model import (
 __all__ = [
     "API_VERSIONS",
     "DEFAULT_CONFIG_PATH",
+    "GIE_DEFAULT_PATH",
     "PD_EXAMPLE_PATH",
     "ConfigError",
     "DataSourceSpec",

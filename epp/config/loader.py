@@ -58,6 +58,9 @@ _TOP_KEYS = (
 _PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG_PATH = _PACKAGE_DIR / "default-config.yaml"
 PD_EXAMPLE_PATH = _PACKAGE_DIR / "examples" / "pd.yaml"
+#: The GIE chart's default (queue 2, KV utilisation 2, prefix 3): pdroute's default until
+#: 2026-11-25, kept for drop-in comparisons.
+GIE_DEFAULT_PATH = _PACKAGE_DIR / "examples" / "gie-default.yaml"
 
 
 class _StrictLoader(yaml.SafeLoader):

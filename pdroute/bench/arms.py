@@ -6,9 +6,9 @@ and no arm inherits another's KV state. Then the arm's router:
 
 ``pdroute``
     The local stack of ``pdroute up`` (:class:`pdroute.stack.cmd.Stack`): Envoy with
-    ext_proc to the EPP, the stack's default EndpointPickerConfig (queue 2, KV
-    utilisation 2, approximate prefix 3, session affinity 10). Only the simulators'
-    flags differ from ``pdroute up`` (KV capacity, batch size).
+    ext_proc to the EPP, with the EPP's built-in default EndpointPickerConfig
+    (``epp/config/default-config.yaml``; ``--epp-config`` replaces it). Only the
+    simulators' flags differ from ``pdroute up`` (KV capacity, batch size).
 ``pdroute-pd``
     The same stack with ``prefill`` of the fleet's servers turned into prefill
     servers (same total server count) and the P/D sidecars in front of decode.
@@ -54,6 +54,7 @@ import aiohttp
 import orjson
 import yaml
 
+from epp.config import DEFAULT_CONFIG_PATH
 from pdroute.bench.workloads import FleetSpec
 from pdroute.stack.cmd import Plan, Stack, make_plan
 from pdroute.stack.cmd import add_arguments as stack_arguments
@@ -270,46 +271,40 @@ class BenchStack(Stack):
             await self._start_sims(http)
 
 
+def default_config() -> str:
+    """The ``pdroute`` arm's EPP config: the EPP's built-in default
+    (``epp/config/default-config.yaml``), the configuration a user gets."""
+    return DEFAULT_CONFIG_PATH.read_text()
+
+
 def precise_config(fleet: FleetSpec, events_address: str) -> str:
-    """EPP config: precise prefix cache (KV events) + queue + KV utilisation.
+    """EPP config of ``pdroute-precise``: the built-in default's scorers and weights
+    with the precise prefix-cache producer (KV events) in place of the approximate one.
 
     The EPP binds ``events_address`` (``kvEventsConfig.zmqEndpoint``) and the
     simulators' publishers connect to it: llm-d's deployment shape ("bind stable,
     connect volatile"). Both sides connecting (the simulators to their own address,
     the EPP to the same one via ``discoverPods``) delivers nothing: that was why this
     arm used to see no KV events at all."""
-    doc = {
-        "apiVersion": "llm-d.ai/v1alpha1",
-        "kind": "EndpointPickerConfig",
-        "plugins": [
-            {
-                "type": "precise-prefix-cache-producer",
-                "parameters": {
-                    "tokenProcessorConfig": {"blockSize": fleet.block_size},
-                    "kvEventsConfig": {"zmqEndpoint": events_address, "discoverPods": False},
-                    "speculativeIndexing": True,
-                },
-            },
-            {
-                "type": "prefix-cache-scorer",
-                "parameters": {"prefixMatchInfoProducerName": "precise-prefix-cache-producer"},
-            },
-            {"type": "queue-scorer"},
-            {"type": "kv-cache-utilization-scorer"},
-            {"type": "max-score-picker", "parameters": {"maxNumOfEndpoints": 2}},
-        ],
-        "schedulingProfiles": [
-            {
-                "name": "default",
-                "plugins": [
-                    {"pluginRef": "max-score-picker"},
-                    {"pluginRef": "queue-scorer", "weight": 2},
-                    {"pluginRef": "kv-cache-utilization-scorer", "weight": 2},
-                    {"pluginRef": "prefix-cache-scorer", "weight": 3},
-                ],
-            }
-        ],
+    doc = yaml.safe_load(default_config())
+    precise = {
+        "type": "precise-prefix-cache-producer",
+        "parameters": {
+            "tokenProcessorConfig": {"blockSize": fleet.block_size},
+            "kvEventsConfig": {"zmqEndpoint": events_address, "discoverPods": False},
+            "speculativeIndexing": True,
+        },
     }
+    plugins: list[dict[str, Any]] = []
+    for p in doc["plugins"]:
+        if p["type"] == "approx-prefix-cache-producer":
+            plugins.append(precise)
+        elif p["type"] == "prefix-cache-scorer":
+            params = {"prefixMatchInfoProducerName": "precise-prefix-cache-producer"}
+            plugins.append({**p, "parameters": params})
+        else:
+            plugins.append(p)
+    doc["plugins"] = plugins
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -424,9 +419,9 @@ class Arm:
         if events is not None:
             config = self.run_dir / "epp-precise.yaml"
             config.write_text(precise_config(fleet, events))
-        elif name == "pdroute" and self.epp_config is not None:
+        elif name == "pdroute":
             config = self.run_dir / "epp-config.yaml"
-            config.write_text(self.epp_config)
+            config.write_text(self.epp_config if self.epp_config is not None else default_config())
         args = _stack_args(fleet, self.run_dir, self.model, prefill=prefill, config=config)
         plan = make_plan(args)
         self.stack = stack = BenchStack(plan, fleet, kv_events=events)

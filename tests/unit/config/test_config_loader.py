@@ -9,8 +9,10 @@ import pytest
 
 from epp.config import (
     DEFAULT_CONFIG_PATH,
+    GIE_DEFAULT_PATH,
     PD_EXAMPLE_PATH,
     ConfigError,
+    EndpointPickerConfig,
     PluginKind,
     load_config,
     load_config_text,
@@ -55,7 +57,7 @@ def refs(profile: object) -> list[tuple[str, float]]:
     return [(r.plugin_ref, r.weight) for r in profile.plugins]  # type: ignore[attr-defined]
 
 
-def test_default_config_is_the_gie_chart_default(caplog: pytest.LogCaptureFixture) -> None:
+def test_default_config_is_prefix_affinity_first(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("INFO", logger="epp.config.loader"):
         cfg = load_default_config()
     assert cfg.source == str(DEFAULT_CONFIG_PATH)
@@ -65,11 +67,35 @@ def test_default_config_is_the_gie_chart_default(caplog: pytest.LogCaptureFixtur
     (prof,) = cfg.scheduling_profiles
     assert prof.name == "default"
     assert refs(prof) == [
+        ("max-score-picker", 1.0),
+        ("prefix-cache-scorer", 4.0),
+        ("no-hit-lru-scorer", 1.0),
+        ("routed-load-scorer", 2.0),
+        ("load-aware-scorer", 4.0),
+        ("kv-cache-utilization-scorer", 1.0),
+        ("session-affinity-scorer", 10.0),
+    ]
+    assert dict(cfg.plugin("max-score-picker").parameters) == {"maxNumOfEndpoints": 2}
+    assert dict(cfg.plugin("load-aware-scorer").parameters) == {"threshold": 16}
+    _check_data_layer_and_handlers(cfg)
+    # Every plugin builds.
+    pipe = build_pipeline(cfg, rng=random.Random(0))
+    assert "approx-prefix-cache-producer" in pipe.plugins
+
+
+def test_gie_default_example_is_the_gie_chart_default() -> None:
+    cfg = load_config(GIE_DEFAULT_PATH)
+    (prof,) = cfg.scheduling_profiles
+    assert refs(prof) == [
         ("queue-scorer", 2.0),
         ("kv-cache-utilization-scorer", 2.0),
         ("prefix-cache-scorer", 3.0),
         ("max-score-picker", 1.0),  # added by default
     ]
+    _check_data_layer_and_handlers(cfg)
+
+
+def _check_data_layer_and_handlers(cfg: EndpointPickerConfig) -> None:
     assert cfg.profile_handler == "single-profile-handler"
     assert cfg.plugin("single-profile-handler").kind is PluginKind.PROFILE_HANDLER
     assert cfg.saturation_detector == "utilization-detector"

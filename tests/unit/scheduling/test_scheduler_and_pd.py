@@ -7,7 +7,13 @@ from types import MappingProxyType
 
 import pytest
 
-from epp.config import PD_EXAMPLE_PATH, load_config, load_config_text, load_default_config
+from epp.config import (
+    GIE_DEFAULT_PATH,
+    PD_EXAMPLE_PATH,
+    load_config,
+    load_config_text,
+    load_default_config,
+)
 from epp.datastore import Datastore, Endpoint, EndpointMetrics
 from epp.errors import NoReadyEndpoint
 from epp.index.approx_prefix import prefix_hashes
@@ -58,9 +64,42 @@ def counter(decision: str, reason: str) -> float:
     )
 
 
-def test_default_config_prefers_short_queue_then_prefix_affinity() -> None:
-    ds = make_store([None, None, None], waiting=[4, 0, 4])
+def test_default_config_keeps_a_prefix_until_its_holder_queue_is_long() -> None:
+    ds = make_store([None, None, None])
     pipe = build_pipeline(load_default_config(), datastore=ds, rng=random.Random(0))
+    prompt = "You are a helpful assistant. " * 40
+    holder, fallback = run(pipe, ds, prompt)[0]["default"]
+    assert fallback != holder  # maxNumOfEndpoints 2: one fallback for the proxy
+    for i in range(3):  # hits stay: the holder is now the busiest by routed load
+        assert run(pipe, ds, prompt + f" question {i}?")[0]["default"][0] == holder
+    # A queue of 8 on the holder (none elsewhere) is not enough to give up the cache...
+    ds.update_metrics(holder, EndpointMetrics(waiting=8, updated_at=NOW))
+    assert run(pipe, ds, prompt + " q8?")[0]["default"][0] == holder
+    # ...a queue at the load-aware threshold (16) with a fuller KV cache is.
+    ds.update_metrics(holder, EndpointMetrics(waiting=16, kv_cache_usage=0.5, updated_at=NOW))
+    assert run(pipe, ds, prompt + " q16?")[0]["default"][0] != holder
+
+
+def test_default_config_places_new_prefixes_away_from_recent_traffic() -> None:
+    ds = make_store([None, None, None])
+    pipe = build_pipeline(load_default_config(), datastore=ds, rng=random.Random(0))
+    hot = "hot system prompt " * 40
+    x = run(pipe, ds, hot)[0]["default"][0]
+    for i in range(5):
+        assert run(pipe, ds, hot + f" {i}")[0]["default"][0] == x
+    # Two new prefixes: the two endpoints that never got one (no-hit-lru) and got
+    # no traffic (routed-load).
+    y = run(pipe, ds, "second prompt " * 40)[0]["default"][0]
+    z = run(pipe, ds, "third prompt " * 40)[0]["default"][0]
+    assert len({x, y, z}) == 3
+    # The next new prefix: x is the least recently used for a new prefix (no-hit-lru
+    # alone would pick it), but it took six times the traffic: routed-load wins.
+    assert run(pipe, ds, "fourth prompt " * 40)[0]["default"][0] == y
+
+
+def test_gie_default_config_prefers_short_queue_then_prefix_affinity() -> None:
+    ds = make_store([None, None, None], waiting=[4, 0, 4])
+    pipe = build_pipeline(load_config(GIE_DEFAULT_PATH), datastore=ds, rng=random.Random(0))
     prompt = "You are a helpful assistant. " * 40
     out, headers = run(pipe, ds, prompt)
     assert out == {"default": ["10.0.0.1:8000"]} and headers == {}
@@ -130,7 +169,7 @@ def test_filters_run_in_order_and_stop_early() -> None:
 
 def test_scheduler_records_latency_metrics() -> None:
     ds = make_store([None, None])
-    pipe = build_pipeline(load_default_config(), datastore=ds, rng=random.Random(0))
+    pipe = build_pipeline(load_config(GIE_DEFAULT_PATH), datastore=ds, rng=random.Random(0))
     labels = {
         "extension_point": "Scorer",
         "plugin_type": "queue-scorer",
