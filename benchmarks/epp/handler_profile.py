@@ -12,7 +12,8 @@ request (``FULL_DUPLEX_STREAMED`` request body, ``response_body_mode: NONE``):
 
 The handler, director, datastore and endpoint source are built by
 ``epp.cmd._build`` from ``pdroute epp`` arguments (built-in default config, a
-static endpoints file with 16 endpoints, no TLS), i.e. exactly as the server builds
+static endpoints file with 16 endpoints, no TLS; ``--config-file`` to pin another
+config), i.e. exactly as the server builds
 them; the datastore gets fresh metrics for all endpoints, refreshed every 100 ms
 (as the scraper would, outside the timed region).
 
@@ -75,8 +76,9 @@ def endpoints_yaml() -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_parts(tmpdir: str) -> dict[str, Any]:
-    """``epp.cmd._build`` for ``pdroute epp --endpoints FILE --no-secure-serving``."""
+def build_parts(tmpdir: str, config_file: str | None = None) -> dict[str, Any]:
+    """``epp.cmd._build`` for ``pdroute epp --endpoints FILE --no-secure-serving
+    [--config-file FILE]``."""
     from epp import cmd
 
     path = os.path.join(tmpdir, "endpoints.yaml")
@@ -84,7 +86,10 @@ def build_parts(tmpdir: str) -> dict[str, Any]:
         f.write(endpoints_yaml())
     ap = argparse.ArgumentParser()
     cmd.add_arguments(ap)
-    args = ap.parse_args(["--endpoints", path, "--no-secure-serving"])
+    argv = ["--endpoints", path, "--no-secure-serving"]
+    if config_file:
+        argv += ["--config-file", config_file]
+    args = ap.parse_args(argv)
     parts = cmd._build(args)
     datastore: Datastore = parts["datastore"]
     datastore.replace_endpoints(parts["source"].load())
@@ -279,15 +284,34 @@ class _Exchange:
             self.routed = v.string_value.split(",", 1)[0]
 
 
+def plugin_totals() -> dict[str, tuple[float, float]]:
+    """``extension point/type/name -> (calls, seconds)`` so far (the EPP's own
+    ``llm_d_epp_plugin_duration_seconds`` histogram: wall time per plugin call)."""
+    from epp.metrics import PLUGIN_DURATION
+
+    out: dict[str, tuple[float, float]] = {}
+    for fam in PLUGIN_DURATION.collect():
+        for sm in fam.samples:
+            if sm.name.endswith("_count") or sm.name.endswith("_sum"):
+                lb = sm.labels
+                k = f"{lb['extension_point']}/{lb['plugin_type']}"
+                c, t = out.get(k, (0.0, 0.0))
+                if sm.name.endswith("_count"):
+                    out[k] = (c + sm.value, t)
+                else:
+                    out[k] = (c, t + sm.value)
+    return out
+
+
 class Scenario:
     """One scenario's wiring, messages and measurements (rounds are interleaved
     across scenarios, so background load on a shared machine hits all alike)."""
 
-    def __init__(self, name: str, seed: int) -> None:
+    def __init__(self, name: str, seed: int, config_file: str | None = None) -> None:
         self.name = name
         self.rng = random.Random(seed)
         with tempfile.TemporaryDirectory(prefix="pdroute-handler-profile-") as tmp:
-            parts = build_parts(tmp)
+            parts = build_parts(tmp, config_file)
         self.datastore: Datastore = parts["datastore"]
         self.handler: StreamHandler = parts["handler"]
         keys = [e.key for e in self.datastore.endpoints()]
@@ -306,6 +330,8 @@ class Scenario:
         self.per_req: list[int] = []
         self.round_us: list[float] = []
         self.prof = cProfile.Profile()
+        #: plugin -> (calls, seconds) from llm_d_epp_plugin_duration_seconds, this scenario
+        self.plugins: dict[str, tuple[float, float]] = {}
 
     async def one(self) -> None:
         ex = self.ex
@@ -323,6 +349,14 @@ class Scenario:
             raise SystemExit(f"{self.name}: {self.ex.rejected} warm-up requests were rejected")
 
     async def round(self, n: int, profile: bool, refresh_every: int = 0) -> None:
+        before = plugin_totals()
+        await self._round(n, profile, refresh_every)
+        for k, (c, t) in plugin_totals().items():
+            c0, t0 = before.get(k, (0.0, 0.0))
+            pc, pt = self.plugins.get(k, (0.0, 0.0))
+            self.plugins[k] = (pc + c - c0, pt + t - t0)
+
+    async def _round(self, n: int, profile: bool, refresh_every: int) -> None:
         thread_ns = time.thread_time_ns
         prof = self.prof if profile else None
         total = 0
@@ -362,6 +396,12 @@ class Scenario:
             "p50_us": round(us[len(us) // 2], 1),
             "p99_us": round(us[min(len(us) - 1, int(len(us) * 0.99))], 1),
         }
+        calls = max(1, len(us))
+        out["plugin_us_per_request"] = {
+            k: round(t / calls * 1e6, 1)
+            for k, (c, t) in sorted(self.plugins.items(), key=lambda kv: -kv[1][1])
+            if c
+        }
         if profile:
             s = io.StringIO()
             pstats.Stats(self.prof, stream=s).sort_stats("tottime").print_stats(30)
@@ -370,7 +410,7 @@ class Scenario:
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
-    scenarios = [Scenario(name, args.seed) for name in args.scenario or SCENARIOS]
+    scenarios = [Scenario(name, args.seed, args.config_file) for name in args.scenario or SCENARIOS]
     for sc in scenarios:
         await sc.warm_up(args.warmup)
     per_round = max(1, args.requests // args.rounds)
@@ -393,6 +433,11 @@ def main() -> int:
         default=0,
         metavar="N",
         help="refresh metrics every N requests instead of every 100 ms (deterministic runs)",
+    )
+    ap.add_argument(
+        "--config-file",
+        metavar="FILE",
+        help="EndpointPickerConfig (default: the built-in default, as pdroute epp uses)",
     )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="cProfile top-30 by tottime")
@@ -418,6 +463,7 @@ def main() -> int:
         "machine": platform.machine(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "endpoints": ENDPOINTS,
+        "config_file": args.config_file or "(built-in default)",
         "results": results,
     }
     sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -438,6 +484,12 @@ def main() -> int:
                 f"{'-' if below is None else f'{below:.1f}':>14} "
                 f"{'-' if below_min is None else f'{below_min:.1f}':>12}"
             )
+        for r in results:
+            plugins = r.get("plugin_us_per_request") or {}
+            if plugins:
+                print(f"\n{r['scenario']}: plugin wall time per request (us)")
+                for k, v in plugins.items():
+                    print(f"  {k:48} {v:8.1f}")
         for name, text in profiles.items():
             print(f"\n== cProfile ({name}), top 30 by tottime ==")
             print(text)
