@@ -133,9 +133,18 @@ def _why(label: str, o: Mapping[str, Any], other: Mapping[str, Any], fixed: str)
     if ours_hr is not None and their_hr is not None and their_hr > ours_hr + 0.01:
         return (
             f"its prefix-cache hit rate is higher ({_pct(their_hr)} vs {_pct(ours_hr)}): "
-            "it keeps each prefix on its endpoint more strictly, while pdroute's queue and "
-            "KV-utilisation scorers sometimes move a request to a less loaded endpoint "
-            "that does not hold its prefix"
+            "it keeps each prefix on its endpoint more strictly, while pdroute's load "
+            "scorers sometimes move a request to a less loaded endpoint that does not "
+            "hold its prefix"
+        )
+    ours_max = _busiest(o)
+    their_max = _busiest(other)
+    if ours_max and their_max and their_max < ours_max * 0.95:
+        return (
+            f"its busiest endpoint served fewer requests ({their_max:.0f} vs "
+            f"{ours_max:.0f}): with prefix affinity, where each prefix group first lands "
+            "decides the load for the rest of the run, and an endpoint holding a popular "
+            "group plus others runs short of KV and queues"
         )
     ours_cv = _get(o, "summary", "balance_cv")
     their_cv = _get(other, "summary", "balance_cv")
@@ -148,6 +157,14 @@ def _why(label: str, o: Mapping[str, Any], other: Mapping[str, Any], fixed: str)
         "no mechanism stands out in these numbers; on a shared 2-core machine a "
         "difference of this size can be noise"
     )
+
+
+def _busiest(arm: Mapping[str, Any]) -> float:
+    """Requests served by the arm's busiest endpoint (0 when unknown)."""
+    per = _get(arm, "summary", "per_endpoint")
+    if not isinstance(per, Mapping) or not per:
+        return 0.0
+    return float(max(per.values()))
 
 
 def losses(arms: Mapping[str, Any]) -> list[str]:

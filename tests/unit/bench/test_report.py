@@ -137,3 +137,21 @@ def test_merge_same_spec_merges_arms(results: dict[str, Any]) -> None:
 def test_notes_follow_the_headline(results: dict[str, Any]) -> None:
     md = render_markdown(results, notes="## What this shows\n\nAffinity wins.\n")
     assert md.index("## Headline") < md.index("## What this shows") < md.index("## Shared")
+
+
+def test_loss_on_ttft_names_the_busier_endpoint_when_hit_rates_match(
+    results: dict[str, Any],
+) -> None:
+    arms = results["workloads"]["shared-prefix"]["arms"]
+    ours, peer = arms["pdroute"], arms["vllm-router"]
+    ours["summary"]["ttft_s"]["p90"] = 0.5
+    peer["summary"]["ttft_s"]["p90"] = 0.2
+    peer["prefix_cache"]["hit_rate"] = ours["prefix_cache"]["hit_rate"]
+    ours["summary"]["per_endpoint"] = {"a": 300.0, "b": 100.0}
+    peer["summary"]["per_endpoint"] = {"a": 250.0, "b": 150.0}
+    (line,) = [x for x in losses(arms) if x.startswith("- TTFT p90")]
+    assert "its busiest endpoint served fewer requests (250 vs 300)" in line
+    # Equal busiest endpoints: the next check (balance CV) speaks instead.
+    peer["summary"]["per_endpoint"] = {"a": 300.0, "b": 100.0}
+    (line,) = [x for x in losses(arms) if x.startswith("- TTFT p90")]
+    assert "busiest" not in line and "spreads requests more evenly" in line
