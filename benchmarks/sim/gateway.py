@@ -109,14 +109,19 @@ def main() -> int:
     base = free_range(args.decode + 32)
     run_dir = Path(tempfile.mkdtemp(prefix="pdroute-gw-bench-"))
     ready = run_dir / "ready.json"
+    # `python -m` from this checkout (PYTHONPATH too, for the children): a worktree of
+    # another commit measures that commit's code.
     cmd = [
-        str(ROOT / ".venv" / "bin" / "pdroute"), "up", "--decode", str(args.decode),
+        sys.executable, "-m", "pdroute.cli", "up", "--decode", str(args.decode),
         "--prefill", "0", "--sim-processes", "shared", "--no-epp-tls", "--port", str(port),
         "--base-port", str(base), "--run-dir", str(run_dir / "run"), "--ready-file", str(ready),
         "--profile", args.profile, "--model", "bench",
     ]  # fmt: skip
     log = (run_dir / "up.log").open("wb")
-    up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    up = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env
+    )
     try:
         t0 = time.monotonic()
         while not ready.exists():

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 VLLM_VERSION = "0.32.0"
 _DONE = b"data: [DONE]\n\n"
+_MARK = "\ue000sim-text\ue000"  # a private-use marker where a chunk's text goes
+_MARK_JSON = orjson.dumps(_MARK)
 _TEXT = b"text/plain; charset=utf-8"
 _SSE_HEADERS = ((b"cache-control", b"no-cache"),)
 _NOT_FOUND = b'{"detail":"Not Found"}'
@@ -582,6 +584,16 @@ class SimServer:
         sent = 0
         chat = p.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
+        # A token chunk that is not the last one differs from the next only by its text:
+        # SSE bytes before and after the JSON string, cut from the dict the API builds.
+        tpl: tuple[bytes, bytes] | None = None
+        if not p.continuous_usage:
+            make = api.chat_chunk if chat else api.completion_chunk
+            head, _, tail = _sse(make(req.request_id, created, p.model, _MARK, None)).partition(
+                _MARK_JSON
+            )
+            tpl = (head, tail)
+        first = b""  # chat's role chunk, sent with the first token (one write)
         try:
             while True:
                 await ready.wait()
@@ -591,18 +603,19 @@ class SimServer:
                 if resp is None:
                     resp = request.stream(headers=_SSE_HEADERS)
                     if chat:
-                        first = api.chat_role_chunk(req.request_id, created, p.model)
+                        role = api.chat_role_chunk(req.request_id, created, p.model)
                         if p.continuous_usage:
-                            first["usage"] = api.stream_usage(
-                                req.num_prompt_tokens, 0, 0, chat=True
-                            )
-                        await resp.write(_sse(first))
+                            role["usage"] = api.stream_usage(req.num_prompt_tokens, 0, 0, chat=True)
+                        first = _sse(role)
                 new = req.output_ids[sent:]
-                chunks: list[dict[str, Any]] = []
+                chunks: list[dict[str, Any] | bytes] = []
                 for i, tid in enumerate(new):
                     last = req.finished and i == len(new) - 1
                     finish = req.finish_reason if last else None
                     text = self.tok.token_str(tid)
+                    if tpl is not None and not last:  # the common chunk, from its template
+                        chunks.append(tpl[0] + orjson.dumps(text) + tpl[1])
+                        continue
                     chunk = (
                         api.chat_chunk(req.request_id, created, p.model, text, finish)
                         if chat
@@ -623,10 +636,11 @@ class SimServer:
                         cached = req.num_cached_tokens + req.num_external_tokens
                         u = api.stream_usage(req.num_prompt_tokens, sent, cached, chat=chat)
                         chunks.append(api.usage_chunk(req.request_id, created, p.model, obj, u))
-                    if chunks and "error" not in chunks[-1]:
+                    if chunks and isinstance(chunks[-1], dict) and "error" not in chunks[-1]:
                         # vLLM puts the fingerprint on the last chunk before [DONE].
                         chunks[-1]["system_fingerprint"] = self.fingerprint
-                out = b"".join(_sse(c) for c in chunks)
+                out = first + b"".join(c if type(c) is bytes else _sse(c) for c in chunks)
+                first = b""
                 if req.finished:
                     out += _DONE
                 if req.finished:
@@ -646,7 +660,7 @@ class SimServer:
             if resp is None:
                 raise  # _generate answers with a JSON 500
             log.exception("stream failed")
-            resp.end(_sse(api.error_body(500, "Internal server error")) + _DONE)
+            resp.end(first + _sse(api.error_body(500, "Internal server error")) + _DONE)
             return resp
 
     async def _tokenize(self, request: Request) -> Response:
