@@ -106,10 +106,10 @@ class Response:
 class Request:
     """One parsed request. ``headers`` keys are lower-case; ``body`` is complete."""
 
-    __slots__ = ("_conn", "body", "headers", "method", "path", "query")
+    __slots__ = ("_conn", "_headers", "_raw_headers", "body", "method", "path", "query")
 
     def __init__(
-        self, conn: _Conn, method: str, url: bytes, headers: dict[str, str], body: bytes
+        self, conn: _Conn, method: str, url: bytes, raw_headers: list[bytes], body: bytes
     ) -> None:
         self._conn = conn
         self.method = method
@@ -120,8 +120,23 @@ class Request:
         else:
             self.path = url[:q].decode("utf-8", "replace")
             self.query = url[q + 1 :].decode("utf-8", "replace")
-        self.headers = headers
+        self._raw_headers = raw_headers
+        self._headers: dict[str, str] | None = None
         self.body = body
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Lower-cased names; repeated headers joined with ``", "`` (decoded on first use)."""
+        if self._headers is None:
+            raw = self._raw_headers
+            h: dict[str, str] = {}
+            for i in range(0, len(raw), 2):
+                key = raw[i].decode("latin-1").lower()
+                val = raw[i + 1].decode("latin-1")
+                prev = h.get(key)
+                h[key] = val if prev is None else f"{prev}, {val}"
+            self._headers = h
+        return self._headers
 
     def stream(
         self,
@@ -225,7 +240,8 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
-        self.hdrs: dict[str, str] = {}
+        self.hdrs: list[bytes] = []  # name, value, name, value, ...
+        self.expect_continue = False
         self.body: list[bytes] = []
         self.nbody = 0
         self.nhead = 0
@@ -281,7 +297,8 @@ class _Conn(asyncio.Protocol):
     # ---- llhttp callbacks -----------------------------------------------------------
     def on_message_begin(self) -> None:
         self.url = b""
-        self.hdrs = {}
+        self.hdrs = []
+        self.expect_continue = False
         self.body = []
         self.nbody = 0
         self.nhead = 0
@@ -296,13 +313,12 @@ class _Conn(asyncio.Protocol):
         self.nhead += len(name) + len(value) + 4
         if self.nhead > MAX_HEADER_BYTES:
             raise _TooLarge(431, "request header fields too large")
-        key = name.decode("latin-1").lower()
-        val = value.decode("latin-1")
-        prev = self.hdrs.get(key)
-        self.hdrs[key] = val if prev is None else f"{prev}, {val}"
+        self.hdrs += (name, value)
+        if len(name) == 6 and name.lower() == b"expect":
+            self.expect_continue = value.strip().lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
-        if self.hdrs.get("expect", "").lower() == "100-continue" and self.transport:
+        if self.expect_continue and self.transport:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:

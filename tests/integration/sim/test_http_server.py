@@ -13,11 +13,13 @@ from pdroute.sim.http import MAX_HEADER_BYTES, HttpServer, Request, Response, St
 class App:
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, str, bytes]] = []
+        self.headers: list[dict[str, str]] = []
         self.cancelled = asyncio.Event()
         self.started = asyncio.Event()
 
     async def __call__(self, req: Request) -> Response | Stream:
         self.seen.append((req.method, req.path, req.query, req.body))
+        self.headers.append(req.headers)
         if req.path == "/hang":
             self.started.set()
             try:
@@ -171,3 +173,10 @@ async def test_client_disconnect_cancels_the_handler(served: tuple[App, int]) ->
     await asyncio.wait_for(app.started.wait(), 5)
     w.close()
     await asyncio.wait_for(app.cancelled.wait(), 5)
+
+
+async def test_request_headers_are_lower_cased_and_repeats_joined(served: tuple[App, int]) -> None:
+    app, port = served
+    raw = b"GET /h HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\nConnection: close\r\n\r\n"
+    await exchange(port, raw)
+    assert app.headers[-1] == {"host": "x", "x-a": "1, 2", "connection": "close"}
