@@ -159,12 +159,17 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     same workload spec adds or replaces arms; with a different spec it replaces the
     workload. Every run's command is kept."""
     merged: dict[str, Any] = dict(parts[0])
+    # The machine line describes the newest run; each run keeps its own commit and load.
+    merged["environment"] = parts[-1].get("environment", merged.get("environment"))
     merged["workloads"] = {}
     runs: list[dict[str, Any]] = []
     for part in parts:
-        for prior in part.get("runs") or [
-            {"created": part.get("created"), "argv": (part.get("config") or {}).get("argv")}
-        ]:
+        env = part.get("environment") or {}
+        this_run = {"created": part.get("created"), "argv": (part.get("config") or {}).get("argv")}
+        for key in ("git_commit", "load_average_at_start"):
+            if env.get(key):
+                this_run[key] = env[key]
+        for prior in part.get("runs") or [this_run]:
             if prior not in runs:
                 runs.append(prior)
         for name, wl in (part.get("workloads") or {}).items():

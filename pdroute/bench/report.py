@@ -323,6 +323,17 @@ def ramp_table(arms: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _run_context(run: Mapping[str, Any]) -> str:
+    """``" (commit X, load average 1/5/15 min at start: a / b / c)"`` when known."""
+    bits = []
+    if run.get("git_commit"):
+        bits.append(f"commit {run['git_commit']}")
+    load = run.get("load_average_at_start")
+    if isinstance(load, list | tuple) and len(load) == 3:
+        bits.append("load average at start " + " / ".join(f"{float(x):.1f}" for x in load))
+    return f" ({', '.join(bits)})" if bits else ""
+
+
 def render_markdown(
     results: Mapping[str, Any], plots: Mapping[str, str] | None = None, notes: str = ""
 ) -> str:
@@ -341,6 +352,7 @@ def render_markdown(
         "",
         *[
             f"- run: {r.get('created', '?')}, command `{' '.join(r.get('argv') or [])}`"
+            + _run_context(r)
             for r in (
                 results.get("runs")
                 or [{"created": results.get("created"), "argv": cfg.get("argv")}]

@@ -121,6 +121,19 @@ def test_merge_results_later_workload_wins_and_runs_are_kept(results: dict[str, 
     assert "command `pdroute bench run --repeat 3`" in md
 
 
+def test_merged_runs_keep_their_commit_and_load(results: dict[str, Any]) -> None:
+    import copy
+
+    later = copy.deepcopy(results)
+    later["created"] = "later"
+    later["environment"] = {**results["environment"], "git_commit": "abc1234", "cpus": 16}
+    later["environment"]["load_average_at_start"] = [3.21, 2.0, 1.0]
+    merged = cmd.merge_results([results, later])
+    assert merged["environment"]["cpus"] == 16  # the machine line: the newest run
+    md = render_markdown(merged)
+    assert "(commit abc1234, load average at start 3.2 / 2.0 / 1.0)" in md
+
+
 def test_merge_same_spec_merges_arms(results: dict[str, Any]) -> None:
     import copy
 
