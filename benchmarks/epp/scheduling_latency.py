@@ -95,12 +95,14 @@ def summarize(samples_s: list[float]) -> dict[str, float]:
     }
 
 
-async def bench(config: str, prompt_tokens: int, n: int, seed: int) -> dict[str, Any]:
+async def bench(
+    config: str, prompt_tokens: int, n: int, seed: int, default_config: str | None = None
+) -> dict[str, Any]:
     rng = random.Random(seed)
     pd = config == "pd"
     ds = make_store(rng, pd)
     director = build_director(
-        ds, config_path=str(PD_EXAMPLE_PATH) if pd else None, rng=random.Random(seed)
+        ds, config_path=str(PD_EXAMPLE_PATH) if pd else default_config, rng=random.Random(seed)
     )
     groups = [words(rng, prompt_tokens * CHARS_PER_TOKEN * 3 // 4) for _ in range(8)]
 
@@ -160,7 +162,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     for config in ("default", "pd"):
         for tokens in (2_000, 100_000):
             n = args.requests if tokens <= 10_000 else max(50, args.requests // 5)
-            out.append(await bench(config, tokens, n, args.seed))
+            out.append(await bench(config, tokens, n, args.seed, args.config_file))
     return out
 
 
@@ -168,6 +170,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--config-file", help="config for the 'default' rows (default: the built-in default)"
+    )
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args()
     results = asyncio.run(main_async(args))
