@@ -413,6 +413,9 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     scenarios = [Scenario(name, args.seed, args.config_file) for name in args.scenario or SCENARIOS]
     for sc in scenarios:
         await sc.warm_up(args.warmup)
+    if args.no_gc:
+        gc.collect()
+        gc.disable()  # deterministic instruction counts: no collection in the timed part
     per_round = max(1, args.requests // args.rounds)
     for _ in range(args.rounds):
         for sc in scenarios:
@@ -438,6 +441,12 @@ def main() -> int:
         "--config-file",
         metavar="FILE",
         help="EndpointPickerConfig (default: the built-in default, as pdroute epp uses)",
+    )
+    ap.add_argument(
+        "--no-gc",
+        action="store_true",
+        help="disable the cyclic GC after warm-up (for instruction counting: a full "
+        "collection landing in one run but not another dwarfs small differences)",
     )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="cProfile top-30 by tottime")

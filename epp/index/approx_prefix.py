@@ -10,10 +10,7 @@ hashes mean equal prefixes, and a final partial block is hashed too.
 
 Invariant (checked by :meth:`ApproxPrefixIndex.check_invariant`): for every endpoint
 ``e`` and hash ``h``, ``h in lru[e]`` iff ``e in owners[h]``; no ``owners`` set is
-empty; ``len(lru[e]) <= capacity`` for every ``e``. Owner sets are interned
-frozensets: equal sets are the same object (reference-counted in ``_canon``, an
-entry dropped with its last reference), so comparing the owners of consecutive
-blocks while matching is an identity test. Memory is therefore bounded by
+empty; ``len(lru[e]) <= capacity`` for every ``e``. Memory is therefore bounded by
 ``capacity x endpoints``, and endpoints that leave the pool are purged via
 :meth:`remove_endpoint` (wired to ``Datastore.on_endpoint_removed``).
 
@@ -26,7 +23,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import takewhile
-from typing import Any, cast
+from typing import cast
 
 import xxhash
 
@@ -157,7 +154,7 @@ def _size_of(ref: weakref.ref[ApproxPrefixIndex]) -> float:
 class ApproxPrefixIndex:
     """hash -> endpoints that (probably) cache it, with a per-endpoint LRU bound."""
 
-    __slots__ = ("__weakref__", "_canon", "_capacity", "_hit_ratio", "_lru", "_owners", "_size")
+    __slots__ = ("__weakref__", "_capacity", "_hit_ratio", "_lru", "_owners", "_size")
 
     def __init__(
         self, *, capacity_per_endpoint: int = DEFAULT_LRU_CAPACITY, metrics_label: str = "approx"
@@ -165,9 +162,7 @@ class ApproxPrefixIndex:
         if capacity_per_endpoint <= 0:
             raise ValueError("capacity_per_endpoint must be > 0")
         self._capacity = capacity_per_endpoint
-        self._owners: dict[int, frozenset[str]] = {}
-        #: owner set -> [the canonical object, references from ``_owners``]
-        self._canon: dict[frozenset[str], list[Any]] = {}
+        self._owners: dict[int, set[str]] = {}
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._size = 0
         # Metric children bound once: no label lookup per request. The size gauge
@@ -198,12 +193,12 @@ class ApproxPrefixIndex:
         Consecutive blocks usually have the same owners (a prompt is learned whole),
         so owner sets are counted per run of equal sets. The common case, one run
         over the whole matched chain, is found with C-level list operations (owner
-        lookups, the first miss, one count of equal sets: identity tests, the sets
-        are interned); otherwise the runs are walked in Python.
+        lookups, the first miss, one count of equal sets); otherwise the runs are
+        walked in Python, one set comparison per block.
         """
         # Owner sets are never empty, so the walk ends at the first None (a miss).
-        get: Callable[[int], frozenset[str] | None] = self._owners.get
-        got = cast(list[frozenset[str]], list(takewhile(bool, map(get, hashes))))
+        get: Callable[[int], set[str] | None] = self._owners.get
+        got = cast("list[set[str]]", list(takewhile(bool, map(get, hashes))))
         cut = len(got)
         if cut == 0:
             return {}
@@ -214,7 +209,7 @@ class ApproxPrefixIndex:
         run = first
         n = 0
         for eps in got:
-            if eps is run:  # interned: equal owner sets are the same object
+            if eps == run:
                 n += 1
                 continue
             for ep in run:
@@ -242,8 +237,6 @@ class ApproxPrefixIndex:
         rev = hashes[::-1]
         touch = lru.move_to_end
         checked = False
-        #: owner set before -> after adding ``endpoint`` (blocks share a few sets)
-        trans: dict[frozenset[str] | None, frozenset[str]] = {}
         for i, h in enumerate(rev):
             if h in lru:
                 if not checked:
@@ -259,16 +252,10 @@ class ApproxPrefixIndex:
                 continue
             lru[h] = None
             s = owners.get(h)
-            t = trans.get(s)
-            if t is None:
-                t = trans[s] = self._intern(
-                    frozenset((endpoint,)) if s is None else s.union((endpoint,))
-                )
-            else:  # (re-interned: an eviction may have dropped its last reference)
-                t = trans[s] = self._intern(t)
-            owners[h] = t
-            if s is not None:
-                self._release(s)
+            if s is None:
+                owners[h] = {endpoint}
+            else:
+                s.add(endpoint)
             added += 1
             if len(lru) > cap:
                 old, _ = lru.popitem(last=False)
@@ -281,9 +268,8 @@ class ApproxPrefixIndex:
         lru = self._lru.pop(endpoint, None)
         if lru is None:
             return
-        trans: dict[frozenset[str], frozenset[str] | None] = {}
         for h in lru:
-            self._drop_owner(h, endpoint, trans)
+            self._drop_owner(h, endpoint)
         self._size -= len(lru)
 
     def retain(self, endpoints: Iterable[str]) -> None:
@@ -295,45 +281,13 @@ class ApproxPrefixIndex:
     def record_hit_ratio(self, ratio: float) -> None:
         self._hit_ratio.observe(ratio)
 
-    def _intern(self, s: frozenset[str]) -> frozenset[str]:
-        """The canonical object equal to ``s``, with one more reference."""
-        e = self._canon.get(s)
-        if e is None:
-            self._canon[s] = e = [s, 0]
-        e[1] += 1
-        canonical: frozenset[str] = e[0]
-        return canonical
-
-    def _release(self, s: frozenset[str]) -> None:
-        e = self._canon[s]
-        e[1] -= 1
-        if e[1] == 0:
-            del self._canon[s]
-
-    def _drop_owner(
-        self,
-        h: int,
-        endpoint: str,
-        trans: dict[frozenset[str], frozenset[str] | None] | None = None,
-    ) -> None:
+    def _drop_owner(self, h: int, endpoint: str) -> None:
         s = self._owners.get(h)
-        if s is None or endpoint not in s:
+        if s is None:
             return
-        t = trans.get(s, s) if trans is not None else s
-        if t is s:  # not known yet: compute (and remember) the set without ``endpoint``
-            rest = s.difference((endpoint,))
-            t = self._intern(rest) if rest else None
-            if trans is not None:
-                trans[s] = t
-        elif t is not None:
-            t = self._intern(t)
-            if trans is not None:
-                trans[s] = t
-        self._release(s)
-        if t is None:
+        s.discard(endpoint)
+        if not s:
             del self._owners[h]
-        else:
-            self._owners[h] = t
 
     def check_invariant(self) -> None:
         """Assert the invariant in the module docstring (for tests; O(size))."""
@@ -343,12 +297,8 @@ class ApproxPrefixIndex:
             total += len(lru)
             for h in lru:
                 assert ep in self._owners.get(h, ()), (ep, h)
-        refs: dict[frozenset[str], int] = {}
         for h, eps in self._owners.items():
             assert eps, h
-            assert self._canon[eps][0] is eps, ("not interned", h)
-            refs[eps] = refs.get(eps, 0) + 1
             for ep in eps:
                 assert h in self._lru.get(ep, ()), (ep, h)
-        assert {k: e[1] for k, e in self._canon.items()} == refs, "reference counts"
         assert total == self._size, (total, self._size)
