@@ -126,13 +126,13 @@ class SimServer:
             nixl=config.role != "none",
         )
         self._rng = random.Random(config.seed * 7919 + rank)
-        #: Engine driver state (callbacks on the event loop, no task): a scheduling pass
-        #: queued with call_soon, the timer ending the step in flight, the idle wake-up
-        #: for the next lease expiry. At most one of _soon/_in_step is set.
+        #: Engine driver state (callbacks on the event loop, no task; see _kick): a
+        #: scheduling pass queued with call_soon, the one wake-up timer.
         self._loop: asyncio.AbstractEventLoop  # set by start()
         self._soon: asyncio.Handle | None = None
-        self._in_step: asyncio.TimerHandle | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        #: End (loop clock) of the engine step in flight; None when the engine is idle.
+        self._step_end: float | None = None
         #: Request ids: random, not secret (uuid4 costs a getrandom syscall per request).
         self._ids = random.Random()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -239,10 +239,10 @@ class SimServer:
 
     async def stop(self) -> None:
         self._closing = True
-        for h in (self._soon, self._in_step, self._idle_timer):
+        for h in (self._soon, self._timer):
             if h is not None:
                 h.cancel()
-        self._soon = self._in_step = self._idle_timer = None
+        self._soon = self._timer = None
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
@@ -257,48 +257,106 @@ class SimServer:
         if self.nixl is not None:
             self.nixl.close()
 
-    # ---- engine loop ----------------------------------------------------------------
-    # Callbacks rather than a task that sleeps: one timer per step and no coroutine
-    # switches; the step semantics are the loop's: schedule, wait the step's duration,
-    # complete it, schedule again at once; when idle, wait for work or the next lease expiry.
+    # ---- engine driver --------------------------------------------------------------
+    # The engine runs in virtual time on the event loop's clock: a step scheduled at t
+    # with duration d ends at exactly t + d, and the next step is scheduled at that
+    # instant (event-loop lateness does not accumulate into the model's latencies).
+    # The driver wakes (one timer, callbacks, no task) only when something outside the
+    # engine must see it: at the end of every step while a request streams or waits for
+    # admission (or the profile has jitter); otherwise at the end of the step that
+    # finishes the first running request (decode-only steps of a jitter-free profile
+    # with enough free KV blocks cannot change which step that is, nor its time). Before
+    # an arrival, an abort, a finished KV pull or a /metrics read, _sync() runs every
+    # step that ended since, in order, each at its own end time: the same schedule /
+    # complete_step calls, with the same times, as waking at every step.
     def _kick(self) -> None:
-        """There may be new work: run a scheduling pass soon unless one is due anyway."""
-        if self._closing or self._soon is not None or self._in_step is not None:
+        """There may be new work: schedule it now (idle engine) or re-plan the wake-up."""
+        if self._closing or self._soon is not None:
             return
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-        self._soon = self._loop.call_soon(self._step)
+        if self._step_end is None:
+            self._soon = self._loop.call_soon(self._on_kick)
+        else:
+            self._arm()
 
-    def _step(self) -> None:
+    def _on_kick(self) -> None:
         self._soon = None
-        self._idle_timer = None
-        if self._closing:
-            return
-        loop = self._loop
-        now = loop.time()
-        dur = self.engine.schedule(now)
-        if dur is not None:
-            self._in_step = loop.call_at(now + dur, self._complete_step)
-            return
-        deadline = self.engine.next_deadline()
-        if deadline is not None:
-            self._idle_timer = loop.call_at(max(now, deadline), self._kick)
+        self._on_timer()
 
-    def _complete_step(self) -> None:
-        self._in_step = None
+    def _on_timer(self) -> None:
         if self._closing:
             return
-        self.engine.complete_step(self._loop.time())
-        self._step()
+        now = self._loop.time()
+        self._sync(now)
+        if self._step_end is None:  # idle: new work, or a lease expired
+            dur = self.engine.schedule(now)
+            if dur is not None:
+                self._step_end = now + dur
+        self._arm()
+
+    def _sync(self, now: float | None = None) -> None:
+        """Complete every step that ended by ``now``, scheduling the next at each end."""
+        end = self._step_end
+        if end is None:
+            return
+        t = self._loop.time() if now is None else now
+        engine = self.engine
+        while end is not None and end <= t:
+            engine.complete_step(end)
+            dur = engine.schedule(end)
+            end = None if dur is None else end + dur
+        self._step_end = end
+
+    def _arm(self) -> None:
+        """(Re)set the one timer: the next moment the engine must be looked at."""
+        if self._timer is not None:
+            self._timer.cancel()  # a no-op when it is the one that just fired
+            self._timer = None
+        if self._closing:
+            return
+        wake = self._step_end
+        if wake is None:
+            wake = self.engine.next_deadline()
+            if wake is None:
+                return
+        else:
+            wake += self._skippable()
+        self._timer = self._loop.call_at(wake, self._on_timer)
+
+    def _skippable(self) -> float:
+        """Time of the decode steps after the one in flight that nobody needs to see."""
+        e = self.engine
+        if self.latency.profile.jitter > 0.0 or e.waiting or e.loaded or e.loading:
+            return 0.0
+        bs = self.pool.block_size
+        steps = 0  # steps until the first request finishes, counting the one in flight
+        blocks = 0  # blocks the running requests still allocate until they finish
+        for r in e.running:
+            if r.notify_tokens and r.listener is not None:
+                return 0.0  # streaming: every token is seen
+            limit = r.max_tokens if r.stop_after is None else min(r.max_tokens, r.stop_after)
+            left = limit - len(r.output_ids)
+            if steps == 0 or left < steps:
+                steps = left
+            blocks += -(-(r.num_prompt_tokens + limit) // bs) - len(r.block_ids)
+        if steps <= 1 or blocks > self.pool.num_free:  # a preemption could come first
+            return 0.0
+        return (steps - 1) * self.latency.itl(len(e.running))
 
     def _submit(self, req: SimRequest) -> None:
+        now = self._loop.time()
+        self._sync(now)  # steps that ended before the arrival do not see it
         try:
-            self.engine.add(req, asyncio.get_running_loop().time())
+            self.engine.add(req, now)
         except QueueFull:
             raise api.ApiError(503, "Scheduler waiting queue is full") from None
         except ValueError as e:
             raise api.ApiError(400, str(e)) from None
+        self._kick()
+
+    def _abort(self, req: SimRequest) -> None:
+        now = self._loop.time()
+        self._sync(now)
+        self.engine.abort(req, now)
         self._kick()
 
     def _publish(self, events: list[Any]) -> None:
@@ -367,6 +425,7 @@ class SimServer:
         except TransferError as e:
             nixl.failed_transfers += 1
             error = str(e)
+        self._sync(loop.time())
         self.engine.load_finished(req, error, loop.time())
         self._kick()
 
@@ -487,7 +546,7 @@ class SimServer:
             try:
                 await fut
             except asyncio.CancelledError:
-                self.engine.abort(req, asyncio.get_running_loop().time())
+                self._abort(req)
                 raise
             if req.error is not None:
                 raise api.ApiError(500, req.error)
@@ -571,7 +630,6 @@ class SimServer:
         )
 
     async def _stream(self, request: Request, p: api.Parsed, req: SimRequest) -> Response | Stream:
-        loop = asyncio.get_running_loop()
         ready = asyncio.Event()
 
         def notify(_r: SimRequest) -> None:
@@ -652,11 +710,11 @@ class SimServer:
             return _json(e.body(), e.status)
         except (asyncio.CancelledError, ConnectionError):
             if not req.finished:
-                self.engine.abort(req, loop.time())
+                self._abort(req)
             raise
         except Exception:
             if not req.finished:
-                self.engine.abort(req, loop.time())
+                self._abort(req)
             if resp is None:
                 raise  # _generate answers with a JSON 500
             log.exception("stream failed")
@@ -700,6 +758,7 @@ class SimServer:
             hashes = chain_block_hashes(
                 ids, self.cfg.block_size, self.hash_fn, parent=self.engine.root_hash()
             )
+            self._sync()
             n = len(self.pool.lookup(hashes))
             return _json(
                 {
@@ -798,6 +857,7 @@ class SimServer:
         return _json({"version": VLLM_VERSION})
 
     async def _metrics(self, request: Request) -> Response:
+        self._sync()
         return Response(
             self.metrics.render().encode(), 200, b"text/plain; version=0.0.4; charset=utf-8"
         )
