@@ -64,6 +64,7 @@ PRIORITY_FLAG = 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 5, 6, 7, 8
 COMPRESSION_ERROR = 9
+ENHANCE_YOUR_CALM = 0xB
 # Settings.
 S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 1, 2, 3
 S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
@@ -79,6 +80,8 @@ MIN_FRAME = 16_384
 OUR_MAX_FRAME = 1 << 20
 #: Largest header block (HEADERS + CONTINUATION) accepted, encoded.
 MAX_HEADER_BLOCK = 64 * 1024
+#: Output the transport may hold unsent before the connection is given up.
+MAX_UNSENT = 64 * 1024 * 1024
 #: Distinct repeated header blocks remembered per connection (see _decode_headers).
 HEADER_CACHE_SIZE = 16
 
@@ -392,24 +395,36 @@ class _Connection(asyncio.Protocol):
     def flush(self) -> None:
         self.flush_scheduled = False
         out = self.out
-        if out and self.transport is not None and not self.closed:
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        t = self.transport
+        if out and t is not None and not self.closed:
+            t.write(b"".join(out) if len(out) > 1 else out[0])
+            out.clear()
+            if t.get_write_buffer_size() > self.server.max_unsent_bytes:
+                # A peer that sends (PINGs, SETTINGS) but does not read: handlers
+                # already wait for drain, control frames must not pile up either.
+                self._fail(ENHANCE_YOUR_CALM, "peer is not reading")
         out.clear()
 
     def _fail(self, code: int, reason: str) -> None:
-        """End the connection: GOAWAY with ``code``, then close."""
+        """End the connection: GOAWAY with ``code``, then close (abort when the peer
+        is not reading: its unsent output would never drain)."""
         if self.closed:
             return
+        self.closed = True  # first: nothing below may re-enter
         log.warning("closing HTTP/2 connection: %s", reason)
-        self.emit(
-            frame(GOAWAY, 0, 0, _U32.pack(self.last_sid) + _U32.pack(code) + reason[:200].encode())
+        goaway = frame(
+            GOAWAY, 0, 0, _U32.pack(self.last_sid) + _U32.pack(code) + reason[:200].encode()
         )
-        self.flush()
-        self.closed = True
+        t = self.transport
+        if t is not None:
+            if code == ENHANCE_YOUR_CALM:
+                t.abort()
+            else:
+                t.write(b"".join([*self.out, goaway]))
+                t.close()
+        self.out.clear()
         for s in list(self.streams.values()):
             self._drop(s, cancel=True)
-        if self.transport is not None:
-            self.transport.close()
 
     def goaway(self) -> None:
         """Refuse new streams (graceful shutdown); running ones go on."""
@@ -854,6 +869,7 @@ class GrpcServer:
         max_concurrent_streams: int = 100_000,
         stream_window: int = 1 << 20,
         connection_window: int = 16 << 20,
+        max_unsent_bytes: int = MAX_UNSENT,
     ) -> None:
         if not DEFAULT_WINDOW <= stream_window <= MAX_WINDOW:
             raise ValueError("stream_window out of range")
@@ -863,6 +879,7 @@ class GrpcServer:
         self.max_concurrent_streams = max_concurrent_streams
         self.stream_window = stream_window
         self.connection_window = connection_window
+        self.max_unsent_bytes = max_unsent_bytes
         self.methods: dict[bytes, _Method] = {}
         self.connections: set[_Connection] = set()
         self._servers: list[asyncio.Server] = []

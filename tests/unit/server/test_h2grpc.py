@@ -400,3 +400,43 @@ async def test_repeated_header_blocks_follow_dynamic_table_changes(server: Any) 
     add_fail = bytes([0x44, len(path)]) + path
     assert (await call(add_fail))["grpc-status"] == str(h2grpc.UNKNOWN)  # no content-type
     assert (await call(again))["grpc-status"] == str(h2grpc.INTERNAL)  # the Fail method
+
+
+async def test_a_peer_that_never_reads_is_disconnected() -> None:
+    """PINGs (or anything that makes the server answer) from a peer that does not
+    read its socket must not pile up in the server: past the limit it aborts."""
+    import socket
+
+    srv = h2grpc.GrpcServer(max_unsent_bytes=256 * 1024)
+    port = await srv.listen("127.0.0.1", 0)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    _r, w = await asyncio.open_connection(sock=sock)
+    w.write(h2grpc.PREFACE + frame(SETTINGS, 0, 0))
+    await w.drain()
+    for _ in range(100):
+        if srv.connections:
+            break
+        await asyncio.sleep(0.01)
+    # Small kernel buffers on both sides, so unsent output reaches the server's own.
+    (conn,) = srv.connections
+    assert conn.transport is not None
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ping = frame(PING, 0, 0, b"12345678")
+    closed = False
+    for _ in range(100):  # up to 100 x 1000 PINGs; never read
+        try:
+            w.write(ping * 1000)
+            await asyncio.wait_for(w.drain(), 0.5)
+        except (ConnectionError, TimeoutError):
+            closed = True
+            break
+        await asyncio.sleep(0)
+        if not srv.connections:
+            closed = True
+            break
+    assert closed and not srv.connections
+    w.close()
+    await srv.stop(0)
