@@ -198,7 +198,7 @@ class SimServer:
                 engine_id=self.engine_id,
                 block_bytes_size=self.cfg.kv_bytes_per_block,
                 get_lease=self._lease_view,
-                release=self.engine.release_lease,
+                release=self._release_lease,
             )
             sp = side_channel_port
             if sp is None:
@@ -263,12 +263,13 @@ class SimServer:
     # instant (event-loop lateness does not accumulate into the model's latencies).
     # The driver wakes (one timer, callbacks, no task) only when something outside the
     # engine must see it: at the end of every step while a request streams or waits for
-    # admission (or the profile has jitter); otherwise at the end of the step that
-    # finishes the first running request (decode-only steps of a jitter-free profile
-    # with enough free KV blocks cannot change which step that is, nor its time). Before
-    # an arrival, an abort, a finished KV pull or a /metrics read, _sync() runs every
-    # step that ended since, in order, each at its own end time: the same schedule /
-    # complete_step calls, with the same times, as waking at every step.
+    # admission, or when the profile has jitter or KV events are published; otherwise
+    # at the end of the step that finishes the first running request (decode-only steps
+    # of a jitter-free profile with enough free KV blocks cannot change which step that
+    # is, nor its time). Before an arrival, an abort, a finished KV pull, a lease
+    # release or a /metrics read, _sync() runs every step that ended since, in order,
+    # each at its own end time: the same schedule / complete_step calls, with the same
+    # times, as waking at every step.
     def _kick(self) -> None:
         """There may be new work: schedule it now (idle engine) or re-plan the wake-up."""
         if self._closing or self._soon is not None:
@@ -327,6 +328,8 @@ class SimServer:
         e = self.engine
         if self.latency.profile.jitter > 0.0 or e.waiting or e.loaded or e.loading:
             return 0.0
+        if self.publisher is not None:  # KV events go out at their step, not later
+            return 0.0
         bs = self.pool.block_size
         steps = 0  # steps until the first request finishes, counting the one in flight
         blocks = 0  # blocks the running requests still allocate until they finish
@@ -352,6 +355,10 @@ class SimServer:
         except ValueError as e:
             raise api.ApiError(400, str(e)) from None
         self._kick()
+
+    def _release_lease(self, lease_id: str) -> bool:
+        self._sync()
+        return self.engine.release_lease(lease_id)
 
     def _abort(self, req: SimRequest) -> None:
         now = self._loop.time()

@@ -86,3 +86,22 @@ async def test_arrival_joins_at_the_next_step_not_after_the_long_request(
         await long
     assert short_s < 0.2  # ~6 ms of steps; not the ~0.35 s the long request has left
     assert fleet.servers[0].stats.generation_tokens == 405
+
+
+async def test_kv_events_go_out_at_their_step_not_at_the_finish() -> None:
+    cfg = SimConfig(model="m", profile=get_profile("fast"), kv_events_endpoint="tcp://127.0.0.1:*")
+    async with SimFleet(cfg, replicas=1) as f, aiohttp.ClientSession() as s:
+        srv = f.servers[0]
+        loop = asyncio.get_running_loop()
+        published: list[float] = []
+        publish = srv.engine.on_events
+        assert publish is not None
+
+        def record(events: list[object]) -> None:
+            published.append(loop.time())
+            publish(events)
+
+        srv.engine.on_events = record
+        t0 = loop.time()
+        await completion(s, f.addresses[0], 200)  # ~0.2 s
+    assert published and published[0] - t0 < 0.1  # the prompt's BlockStored, after prefill
