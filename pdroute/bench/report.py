@@ -371,10 +371,20 @@ def render_markdown(
         "the run (pdroute: Envoy + EPP [+ sidecars]; round robin: Envoy; peers: the router).",
         "",
     ]
-    if cfg.get("quick"):
+    runs = results.get("runs") or []
+    quick = ["--quick" in (r.get("argv") or []) for r in runs] or [bool(cfg.get("quick"))]
+    quick_runs = any(quick)
+    if all(quick):
         lines += [
             "> Quick mode: short runs on a 2-core machine shared with the simulators and the "
             "load generator. Treat differences under ~10% as noise.",
+            "",
+        ]
+    elif quick_runs:
+        lines += [
+            "> Some tables come from quick runs (`--quick` in their command above: 30 s of "
+            "arrivals, see each table's load line); treat differences under ~10% in "
+            "those as noise.",
             "",
         ]
     head = headline(results)

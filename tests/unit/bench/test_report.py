@@ -168,3 +168,16 @@ def test_loss_on_ttft_names_the_busier_endpoint_when_hit_rates_match(
     peer["summary"]["per_endpoint"] = {"a": 300.0, "b": 100.0}
     (line,) = [x for x in losses(arms) if x.startswith("- TTFT p90")]
     assert "busiest" not in line and "spreads requests more evenly" in line
+
+
+def test_quick_banner_only_when_every_run_was_quick(results: dict[str, Any]) -> None:
+    import copy
+
+    assert "> Quick mode:" in render_markdown(results)
+    later = copy.deepcopy(results)
+    later["created"] = "later"
+    later["config"]["argv"] = ["pdroute", "bench", "run", "--workload", "shared-prefix"]
+    later["config"]["quick"] = False
+    md = render_markdown(cmd.merge_results([results, later]))
+    assert "> Quick mode:" not in md
+    assert "> Some tables come from quick runs" in md
