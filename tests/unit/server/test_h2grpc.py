@@ -89,12 +89,17 @@ class Client:
         payload = await asyncio.wait_for(self.r.readexactly((hi << 16) | lo), TIMEOUT)
         return ftype, flags, sid & 0x7FFFFFFF, payload
 
+    async def next(self) -> tuple[int, int, int, bytes]:
+        """The next frame; the server's SETTINGS are acked on the way."""
+        t, flags, s, payload = await self.frame()
+        if t == SETTINGS and not flags & 1:
+            self.w.write(frame(SETTINGS, 1, 0))
+        return t, flags, s, payload
+
     async def until(self, ftype: int, sid: int | None = None) -> tuple[int, bytes]:
-        """Skip to the next frame of ``ftype`` (on ``sid``); SETTINGS are acked."""
+        """Skip to the next frame of ``ftype`` (on ``sid``)."""
         while True:
-            t, flags, s, payload = await self.frame()
-            if t == SETTINGS and not flags & 1:
-                self.w.write(frame(SETTINGS, 1, 0))
+            t, flags, s, payload = await self.next()
             if t == ftype and (sid is None or s == sid):
                 return flags, payload
 
@@ -103,9 +108,7 @@ class Client:
         messages: list[str] = []
         buf = b""
         while True:
-            t, flags, s, payload = await self.frame()
-            if t == SETTINGS and not flags & 1:
-                self.w.write(frame(SETTINGS, 1, 0))
+            t, flags, s, payload = await self.next()
             if s != sid:
                 continue
             if t == DATA:
@@ -337,9 +340,7 @@ async def test_send_side_respects_the_peer_window(server: Any) -> None:
     c.send(sid, grpc_msg("abcdefghij") + grpc_msg("klm"), end=True)
     got = b""
     while True:
-        t, flags, s, payload = await c.frame()
-        if t == SETTINGS and not flags & 1:
-            c.w.write(frame(SETTINGS, 1, 0))
+        t, flags, s, payload = await c.next()
         if s != sid:
             continue
         if t == DATA:
