@@ -1,10 +1,12 @@
 """One simulated vLLM server: HTTP API + engine loop + KV events + side channel.
 
 Everything runs on the process's single event loop; many servers can share it
-(:class:`pdroute.sim.fleet.SimFleet`). The engine loop is one task per server that
-alternates ``Engine.schedule`` / ``sleep(step)`` / ``Engine.complete_step``, so a
-server costs O(running requests) per step rather than a timer per request, and
-sleeps on an event when idle.
+(:class:`pdroute.sim.fleet.SimFleet`). Each server drives its engine with one timer
+(callbacks, no task): ``Engine.schedule`` plans a step, ``Engine.complete_step`` ends
+it at exactly its planned time (virtual time on the loop's clock), so a server costs
+O(running requests) per step rather than a timer per request; the timer only fires
+when a client must see the engine (a streamed token, an admission, a finish) and
+every other reader first catches the engine up (see "engine driver" below).
 
 HTTP surface (vLLM 0.32 shapes): ``POST /v1/completions``, ``/v1/chat/completions``
 (JSON or SSE with ``stream_options.include_usage``), ``/v1/responses``
