@@ -22,8 +22,6 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
-from itertools import takewhile
-from typing import cast
 
 import xxhash
 
@@ -196,13 +194,16 @@ class ApproxPrefixIndex:
         lookups, the first miss, one count of equal sets); otherwise the runs are
         walked in Python, one set comparison per block.
         """
-        # Owner sets are never empty, so the walk ends at the first None (a miss).
-        get: Callable[[int], set[str] | None] = self._owners.get
-        got = cast("list[set[str]]", list(takewhile(bool, map(get, hashes))))
-        cut = len(got)
+        got = list(map(self._owners.get, hashes))
+        try:
+            cut = got.index(None)  # owner sets are never empty: None is the first miss
+        except ValueError:
+            cut = len(got)
         if cut == 0:
             return {}
+        del got[cut:]
         first = got[0]
+        assert first is not None
         if got.count(first) == cut:
             return dict.fromkeys(first, cut)
         counts: dict[str, int] = {}
@@ -214,6 +215,7 @@ class ApproxPrefixIndex:
                 continue
             for ep in run:
                 counts[ep] = counts.get(ep, 0) + n
+            assert eps is not None
             run = eps
             n = 1
         for ep in run:
