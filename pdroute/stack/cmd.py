@@ -30,6 +30,7 @@ import aiohttp
 import orjson
 import yaml
 
+from epp.config import DEFAULT_CONFIG_PATH
 from pdroute.stack.envoy import MODE_POOL, EnvoyOptions, bootstrap_yaml, envoy_argv, find_envoy
 from pdroute.stack.procs import Child, StackError, Supervisor, require_free_ports, tail
 
@@ -189,63 +190,32 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def epp_config_text(plan: Plan) -> str:
-    """Default scorers (queue 2, KV-cache 2, prefix 3, session 10; the picker adds one
-    fallback endpoint); with prefill servers, llm-d's
-    P/D layout with the prefix-based decider at ``--pd-threshold`` uncached tokens."""
-    scorers: list[dict[str, object]] = [
-        {"pluginRef": "queue-scorer", "weight": 2},
-        {"pluginRef": "kv-cache-utilization-scorer", "weight": 2},
-        {"pluginRef": "prefix-cache-scorer", "weight": 3},
-        # 0 for every endpoint unless the client presents x-session-token; then it
-        # outweighs the others together, so a session stays where it started.
-        {"pluginRef": "session-affinity-scorer", "weight": 10},
+    """The EPP's built-in default (``epp/config/default-config.yaml``: its scorers,
+    and a picker that adds one fallback endpoint); with prefill servers, llm-d's P/D
+    layout around the same scorers, with the prefix-based decider at
+    ``--pd-threshold`` uncached tokens."""
+    doc = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    if not plan.pd:
+        return yaml.safe_dump(doc, sort_keys=False)
+    (default,) = doc["schedulingProfiles"]
+    scorers = [p for p in default["plugins"] if "weight" in p]
+    pickers = [p for p in default["plugins"] if "weight" not in p]
+    doc["plugins"] += [
+        {"type": "decode-filter"},
+        {"type": "prefill-filter"},
+        {
+            "type": "disagg-profile-handler",
+            "parameters": {"deciders": {"prefill": "prefix-based-pd-decider"}},
+        },
+        {
+            "type": "prefix-based-pd-decider",
+            "parameters": {"nonCachedTokens": plan.args.pd_threshold},
+        },
     ]
-    plugins: list[dict[str, object]] = [
-        {"type": "approx-prefix-cache-producer"},
-        {"type": "prefix-cache-scorer"},
-        {"type": "queue-scorer"},
-        {"type": "kv-cache-utilization-scorer"},
-        {"type": "session-affinity-scorer"},
-        {"type": "max-score-picker", "parameters": {"maxNumOfEndpoints": 2}},
+    doc["schedulingProfiles"] = [
+        {"name": role, "plugins": [{"pluginRef": f"{role}-filter"}, *pickers, *scorers]}
+        for role in ("decode", "prefill")
     ]
-    doc: dict[str, object] = {"apiVersion": "llm-d.ai/v1alpha1", "kind": "EndpointPickerConfig"}
-    if plan.pd:
-        plugins += [
-            {"type": "decode-filter"},
-            {"type": "prefill-filter"},
-            {
-                "type": "disagg-profile-handler",
-                "parameters": {"deciders": {"prefill": "prefix-based-pd-decider"}},
-            },
-            {
-                "type": "prefix-based-pd-decider",
-                "parameters": {"nonCachedTokens": plan.args.pd_threshold},
-            },
-        ]
-        doc["plugins"] = plugins
-        doc["schedulingProfiles"] = [
-            {
-                "name": "decode",
-                "plugins": [
-                    {"pluginRef": "decode-filter"},
-                    {"pluginRef": "max-score-picker"},
-                    *scorers,
-                ],
-            },
-            {
-                "name": "prefill",
-                "plugins": [
-                    {"pluginRef": "prefill-filter"},
-                    {"pluginRef": "max-score-picker"},
-                    *scorers,
-                ],
-            },
-        ]
-    else:
-        doc["plugins"] = plugins
-        doc["schedulingProfiles"] = [
-            {"name": "default", "plugins": [{"pluginRef": "max-score-picker"}, *scorers]}
-        ]
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -394,9 +364,12 @@ class Stack:
             self.components.append((f"decode-{i} sidecar", child, f"127.0.0.1:{port}"))
 
     def _write_endpoints(self) -> Path:
+        """This run's endpoints (rewritten: a file left by an earlier run into the same
+        directory names other ports)."""
         path = self.plan.run_dir / "endpoints.yaml"
-        if not path.exists():
-            path.write_text(yaml.safe_dump({"endpoints": self.plan.endpoints()}, sort_keys=False))
+        text = yaml.safe_dump({"endpoints": self.plan.endpoints()}, sort_keys=False)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
         return path
 
     async def _start_epp(self, http: aiohttp.ClientSession) -> None:
