@@ -31,6 +31,7 @@ from chart_helpers import (
     one,
 )
 
+from epp.config import DEFAULT_CONFIG_PATH
 from pdroute.cli import build_parser
 
 VALUE_SETS: list[tuple[str, list[str]]] = [("defaults", [])] + [
@@ -212,15 +213,26 @@ def test_epp_config_builds_with_the_real_loader(helm: str, preset: str, handler:
     docs = render(helm, "--set", f"epp.config.preset={preset}")
     director = build_director(Datastore(staleness_s=2.0), config_text=_epp_config(docs))
     assert director.config.profile_handler == handler
-    weights = {
-        ref.plugin_ref: ref.weight
-        for prof in director.config.scheduling_profiles
-        for ref in prof.plugins
-        if prof.name in ("default", "decode")
+    # Every profile scores with the EPP's built-in default scorers and weights.
+    default = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    want = {
+        p["pluginRef"]: p["weight"]
+        for p in default["schedulingProfiles"][0]["plugins"]
+        if "weight" in p
     }
-    assert weights["queue-scorer"] == 2
-    assert weights["kv-cache-utilization-scorer"] == 2
-    assert weights["prefix-cache-scorer"] == 3
+    profiles = yaml.safe_load(_epp_config(docs))["schedulingProfiles"]
+    assert len(profiles) == (1 if preset == "default" else 2)
+    for prof in profiles:
+        got = {p["pluginRef"]: p["weight"] for p in prof["plugins"] if "weight" in p}
+        assert got == want, prof["name"]
+
+
+def test_default_preset_ships_the_epps_default_config_file() -> None:
+    shipped = CHART / "files" / "epp-default-config.yaml"
+    assert shipped.read_bytes() == DEFAULT_CONFIG_PATH.read_bytes(), (
+        "charts/pdroute/files/epp-default-config.yaml must be a copy of "
+        "epp/config/default-config.yaml"
+    )
 
 
 def test_pd_threshold_and_custom_config(helm: str) -> None:
