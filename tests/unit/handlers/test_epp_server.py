@@ -200,7 +200,9 @@ async def test_stop_reports_not_serving_before_refusing_streams(transport: str) 
         await stopping
 
 
-async def test_renewed_certificate_is_served_to_new_connections(tmp_path: Path, transport: str) -> None:
+async def test_renewed_certificate_is_served_to_new_connections(
+    tmp_path: Path, transport: str
+) -> None:
     key1, cert1 = self_signed("first")
     (tmp_path / "tls.key").write_bytes(key1)
     (tmp_path / "tls.crt").write_bytes(cert1)
