@@ -56,6 +56,7 @@ import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from scheduling_latency import words  # type: ignore[import-not-found]  # this script's folder
 
 from epp.datastore import Datastore, EndpointMetrics
 from epp.handlers import StreamHandler
@@ -165,22 +166,6 @@ def response_headers_msg(served: str) -> pb.ProcessingRequest:
     ].string_value = served
     msg.attributes["envoy.filters.http.ext_proc"].fields["upstream.address"].string_value = served
     return msg
-
-
-def words(rng: random.Random, n_chars: int) -> str:
-    vocab = [
-        "alpha",
-        "beta",
-        "gamma",
-        "delta",
-        "kernel",
-        "tensor",
-        "cache",
-        "route",
-        "token",
-        "prefix",
-    ]
-    return " ".join(rng.choices(vocab, k=n_chars // 5 + 1))[:n_chars]
 
 
 def make_bodies(scenario: str, rng: random.Random, count: int) -> tuple[str, list[bytes]]:
