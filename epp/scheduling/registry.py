@@ -25,6 +25,7 @@ from epp.config import (
     register_plugin_kind,
 )
 from epp.datastore import Datastore
+from epp.datastore.store import RemovalListener
 from epp.scheduling.types import Plugin, PrefixMatchProducer
 
 P = TypeVar("P", bound=Plugin)
@@ -77,6 +78,12 @@ class BuildContext:
         self._building: set[str] = set()
         #: Plugins created implicitly (e.g. a prefix producer for prefix-cache-scorer).
         self.implicit: list[Plugin] = []
+
+    def on_endpoint_removed(self, listener: RemovalListener) -> None:
+        """Call ``listener(endpoint key)`` when an endpoint leaves the pool (plugins
+        that keep per-endpoint state forget it). No-op without a datastore."""
+        if self.datastore is not None:
+            self.datastore.on_endpoint_removed(listener)
 
     def error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(self.source, key, problem)

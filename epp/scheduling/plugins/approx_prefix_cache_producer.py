@@ -83,8 +83,7 @@ class ApproxPrefixCacheProducer(PrefixMatchProducer, PreRequest, ResponseComplet
             block_chars=legacy_chars or None,
             datastore=ctx.datastore,
         )
-        if ctx.datastore is not None:
-            ctx.datastore.on_endpoint_removed(plugin.index.remove_endpoint)
+        ctx.on_endpoint_removed(plugin.index.remove_endpoint)
         return plugin
 
     def produce(

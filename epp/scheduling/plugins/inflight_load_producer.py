@@ -73,8 +73,7 @@ class InflightLoadProducer(Producer, PreRequest, ResponseComplete):
         timeout = parse_duration(params, "requestTimeout", 300.0)
         params.finish()
         plugin = cls(name, timeout_s=timeout, clock=ctx.clock or time.monotonic)
-        if ctx.datastore is not None:
-            ctx.datastore.on_endpoint_removed(plugin.remove_endpoint)
+        ctx.on_endpoint_removed(plugin.remove_endpoint)
         return plugin
 
     @classmethod

@@ -79,8 +79,7 @@ class NoHitLRUScorer(Scorer, PreRequest):
             else:
                 raise ctx.error(key, f"plugin {prefix_name!r} is not a prefix-cache plugin")
         scorer = cls(name, producer, prefill_profile=prefill, lru_size=size)
-        if ctx.datastore is not None:
-            ctx.datastore.on_endpoint_removed(scorer.remove_endpoint)
+        ctx.on_endpoint_removed(scorer.remove_endpoint)
         return scorer
 
     def is_cold(self, cycle: CycleState) -> bool:

@@ -207,8 +207,7 @@ class PrecisePrefixCacheProducer(PrefixMatchProducer, PrepareData, PreRequest, R
         kwargs = cls.parse_params(params, ctx)
         params.finish()
         plugin = cls(name, datastore=ctx.datastore, **kwargs)
-        if ctx.datastore is not None:
-            ctx.datastore.on_endpoint_removed(plugin._endpoint_removed)
+        ctx.on_endpoint_removed(plugin._endpoint_removed)
         return plugin
 
     @classmethod
@@ -631,8 +630,7 @@ class PrecisePrefixCacheScorer(PrefixCacheScorer):
         kwargs = PrecisePrefixCacheProducer.parse_params(params, ctx)
         params.finish()
         producer = PrecisePrefixCacheProducer(f"{name}-producer", datastore=ctx.datastore, **kwargs)
-        if ctx.datastore is not None:
-            ctx.datastore.on_endpoint_removed(producer._endpoint_removed)
+        ctx.on_endpoint_removed(producer._endpoint_removed)
         ctx.implicit.append(producer)
         return cls(name, producer)
 

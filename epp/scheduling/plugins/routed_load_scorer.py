@@ -54,8 +54,7 @@ class RoutedLoadScorer(Scorer, PreRequest):
         half_life = parse_duration(params, "halfLife", 30.0)
         params.finish()
         scorer = cls(name, half_life_s=half_life, clock=ctx.clock or time.monotonic)
-        if ctx.datastore is not None:
-            ctx.datastore.on_endpoint_removed(scorer.remove_endpoint)
+        ctx.on_endpoint_removed(scorer.remove_endpoint)
         return scorer
 
     def load(self, endpoint: str, now: float | None = None) -> float:
