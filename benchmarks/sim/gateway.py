@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from throughput import proc_cpu  # type: ignore[import-not-found]  # this script's folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,14 +48,6 @@ function done(summary, latency, requests)
     latency:percentile(50), latency:percentile(90), latency:percentile(99)))
 end
 """
-
-
-def proc_cpu(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
