@@ -856,9 +856,6 @@ class _Connection(asyncio.Protocol):
         self.server.stream_dropped()
 
 
-SslContextFactory = Callable[[], ssl.SSLContext]
-
-
 class GrpcServer:
     """Serves registered gRPC methods on one or more listening sockets."""
 
@@ -934,9 +931,3 @@ class GrpcServer:
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
-
-
-def alpn_h2(ctx: ssl.SSLContext) -> ssl.SSLContext:
-    """Make ``ctx`` negotiate HTTP/2 (gRPC clients require ALPN ``h2``)."""
-    ctx.set_alpn_protocols(["h2"])
-    return ctx
