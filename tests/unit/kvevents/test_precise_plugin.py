@@ -256,6 +256,9 @@ class FakeVllmTokenize:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
         self.mode = "ok"
+        # A prompt "slow" is held until the test releases it, so cancellation
+        # tests do not race a timer on a loaded machine.
+        self.release_slow = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = msgspec.json.decode(await request.read())
@@ -267,6 +270,8 @@ class FakeVllmTokenize:
         if self.mode == "huge":
             return web.Response(body=b"[" + b"1," * 5000 + b"1]")
         await asyncio.sleep(0.05)
+        if body.get("prompt") == "slow":
+            await self.release_slow.wait()
         if "messages" in body:
             text = "|".join(m["content"] for m in body["messages"])
         else:
@@ -312,6 +317,7 @@ async def test_vllm_tokenize_client_caches_and_dedups() -> None:
             await first
         with pytest.raises(TokenizeError, match="cancelled"):
             await second
+        fake.release_slow.set()
         assert (await client.tokenize("m", prompt="slow")).count == 4
     finally:
         await client.close()
