@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -201,6 +202,7 @@ def measure(
     wrk: str,
     script: Path,
     epp_pid: int | None,
+    backend_pid: int,
 ) -> dict[str, Any]:
     url = envoy.url + "/v1/completions"
     assert envoy.proc is not None
@@ -225,13 +227,23 @@ def measure(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )  # fmt: skip
-        cpu0 = {"envoy": cpu_seconds(envoy.proc.pid)}
+        cpu0 = {"envoy": cpu_seconds(envoy.proc.pid), "backends": cpu_seconds(backend_pid)}
         if epp_pid:
             cpu0["epp"] = cpu_seconds(epp_pid)
+        load0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         res, wall = run_wrk(wrk, url, script, conc, args.duration)
+        load1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         reqs = max(res["requests"], 1)
         res["envoy_cpu_s_per_1000"] = round(
             (cpu_seconds(envoy.proc.pid) - cpu0["envoy"]) / reqs * 1000, 4
+        )
+        # Where the machine's CPU went: the load generator (a waited-for child) and
+        # the backends too, so a run can tell which process ran out of room.
+        res["load_cpu_s_per_1000"] = round(
+            (load1.ru_utime + load1.ru_stime - load0.ru_utime - load0.ru_stime) / reqs * 1000, 4
+        )
+        res["backends_cpu_s_per_1000"] = round(
+            (cpu_seconds(backend_pid) - cpu0["backends"]) / reqs * 1000, 4
         )
         if epp_pid:
             used = cpu_seconds(epp_pid) - cpu0["epp"]
@@ -376,7 +388,13 @@ def main() -> int:
         try:
             print("measuring Envoy alone", file=sys.stderr)
             result["envoy_alone"] = measure(
-                "envoy", alone, args=args, wrk=wrk, script=script, epp_pid=None
+                "envoy",
+                alone,
+                args=args,
+                wrk=wrk,
+                script=script,
+                epp_pid=None,
+                backend_pid=backend.pid,
             )
         finally:
             alone.stop()
@@ -434,7 +452,13 @@ def main() -> int:
                 with_epp.wait_epp_health(True, 15)
                 print(f"measuring Envoy + EPP ({transport})", file=sys.stderr)
                 result[key] = measure(
-                    "envoy+epp", with_epp, args=args, wrk=wrk, script=script, epp_pid=epp.pid
+                    "envoy+epp",
+                    with_epp,
+                    args=args,
+                    wrk=wrk,
+                    script=script,
+                    epp_pid=epp.pid,
+                    backend_pid=backend.pid,
                 )
             finally:
                 with_epp.stop()
@@ -473,7 +497,13 @@ def main() -> int:
                 with_bare.wait_epp_health(True, 15)
                 print("measuring Envoy + bare ext_proc", file=sys.stderr)
                 result["envoy_bare_ext_proc"] = measure(
-                    "envoy+bare", with_bare, args=args, wrk=wrk, script=script, epp_pid=bare.pid
+                    "envoy+bare",
+                    with_bare,
+                    args=args,
+                    wrk=wrk,
+                    script=script,
+                    epp_pid=bare.pid,
+                    backend_pid=backend.pid,
                 )
             finally:
                 with_bare.stop()
@@ -504,8 +534,9 @@ def main() -> int:
             2,
         )
     rows = [
-        ("setup", "conc", "req/s", "p50 ms", "p99 ms", "non-2xx", "EPP CPU s/1k", "net of idle")
-    ]
+        ("setup", "conc", "req/s", "p50 ms", "p99 ms", "non-2xx", "EPP CPU s/1k", "net of idle",
+         "Envoy", "backends", "load")
+    ]  # fmt: skip
     setups = [("Envoy alone", a), (f"Envoy + EPP ({transports[0]})", e)]
     if "envoy_epp_grpcio" in result:
         setups.append(("Envoy + EPP (grpcio)", result["envoy_epp_grpcio"]))
@@ -526,6 +557,9 @@ def main() -> int:
                     f"{r['epp_cpu_s_per_1000_net_of_idle']:.3f}"
                     if "epp_cpu_s_per_1000_net_of_idle" in r
                     else "-",
+                    f"{r['envoy_cpu_s_per_1000']:.3f}",
+                    f"{r['backends_cpu_s_per_1000']:.3f}",
+                    f"{r['load_cpu_s_per_1000']:.3f}",
                 )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
