@@ -310,7 +310,10 @@ class StreamHandler:
                     continue
                 await self._on_request_headers(s, msg, write)
             elif kind == "response_headers":
-                await self._on_response_headers(s, msg, write)
+                if await self._on_response_headers(s, msg, write):
+                    # Nothing more will come on this stream: end it with the
+                    # answer (one write, no wait for Envoy's half-close).
+                    return
             elif kind == "response_body":
                 await self._on_response_body(s, msg, write)
             elif kind == "request_trailers":
@@ -454,7 +457,9 @@ class StreamHandler:
 
     async def _on_response_headers(
         self, s: _Stream, msg: pb.ProcessingRequest, write: Writer
-    ) -> None:
+    ) -> bool:
+        """Answer the response headers; True when this was the stream's last message
+        (no response body follows: ``end_of_stream`` or response body mode NONE)."""
         rh = msg.response_headers
         info = s.info
         headers: dict[str, str] = {}
@@ -477,11 +482,13 @@ class StreamHandler:
             if self._director.needs_response_body and not rh.end_of_stream:
                 sse = headers.get("content-type", "").startswith("text/event-stream")
                 s.scanner = UsageScanner(sse=sse)
-        if rh.end_of_stream or s.resp_body_mode == _NONE:
+        last = bool(rh.end_of_stream) or s.resp_body_mode == _NONE
+        if last:
             # Nothing more will come: report before answering, so the hooks have run
             # by the time the client sees the response.
             self._finish(s)
         await write(pb.ProcessingResponse(response_headers={"response": common}))
+        return last
 
     async def _on_response_body(self, s: _Stream, msg: pb.ProcessingRequest, write: Writer) -> None:
         rb = msg.response_body

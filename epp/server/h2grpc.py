@@ -817,7 +817,7 @@ class _Connection(asyncio.Protocol):
 
     def _finish(self, s: ServerStream, code: int, message: str) -> None:
         """End ``s`` from our side with ``code``: trailers (after any pending data),
-        then RST_STREAM(NO_ERROR) if the peer is still sending, as gRPC servers do."""
+        then, for an error while the peer is still sending, RST_STREAM(NO_ERROR)."""
         if s.ended_local:
             return
         s.ended_local = True
@@ -826,7 +826,10 @@ class _Connection(asyncio.Protocol):
             s.headers_sent = True
             block = _RESPONSE_HEADERS + block  # trailers-only response
         self._queue(s, frame(HEADERS, END_HEADERS | END_STREAM, s.sid, block), False)
-        if not s.ended_remote:
+        if not s.ended_remote and code != OK:
+            # An error ends the call: tell the peer to stop sending. A handler that
+            # returned OK before the peer half-closed (it knows nothing more is
+            # due) leaves the peer to close its side; late input is dropped.
             self._queue(s, frame(RST_STREAM, 0, s.sid, _U32.pack(NO_ERROR)), False)
         s.wake()
         s.wake_writer()

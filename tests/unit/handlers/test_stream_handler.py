@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
+import grpc
 import orjson
 import pytest
 from envoy.config.core.v3 import base_pb2
@@ -138,6 +139,44 @@ async def test_duplicate_end_of_stream_is_tolerated(make_harness: Any) -> None:
     assert len(h.director.requests) == 1
     d = h.director.decisions[0]
     assert len(d.finished) == 1 and d.finished[0].status == 200
+
+
+async def test_stream_ends_with_the_response_headers_answer_when_no_body_follows(
+    make_harness: Any,
+) -> None:
+    """Response body mode NONE: the answer to the response headers is the last
+    message, so the EPP ends the call with it (OK) instead of waiting for Envoy's
+    half-close: one write fewer per request on both sides."""
+    h = await make_harness()
+    call = h.open()
+    await call.write(headers_msg(REQUEST_HEADERS))
+    await call.write(body_msg(b'{"model": "m"}', eos=True))
+    await read_n(call, 2)
+    await call.write(response_headers_msg({":status": "200"}))
+    (r3,) = await read_n(call, 1)
+    assert r3.WhichOneof("response") == "response_headers"
+    # No done_writing() from the client: the server still ends the call.
+    assert await asyncio.wait_for(call.read(), 2) is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+    assert len(h.director.decisions[0].finished) == 1
+
+
+async def test_stream_stays_open_when_a_response_body_follows(make_harness: Any) -> None:
+    h = await make_harness()
+    call = h.open()
+    await call.write(headers_msg(REQUEST_HEADERS, resp_mode=Mode.FULL_DUPLEX_STREAMED))
+    await call.write(body_msg(b'{"model": "m"}', eos=True))
+    await read_n(call, 2)
+    await call.write(response_headers_msg({":status": "200"}))
+    await read_n(call, 1)
+    read = asyncio.ensure_future(call.read())
+    await asyncio.sleep(0.1)
+    assert not read.done()  # the server waits for the response body
+    await call.write(pb.ProcessingRequest(response_body=pb.HttpBody(body=b"x", end_of_stream=True)))
+    r4 = await asyncio.wait_for(read, 2)
+    assert r4.WhichOneof("response") == "response_body"
+    assert len(h.director.decisions[0].finished) == 1
+    await call.done_writing()
 
 
 def immediate(resp: pb.ProcessingResponse) -> tuple[int, dict[str, Any], dict[str, str]]:

@@ -37,6 +37,7 @@ from epp.server.h2grpc import (
 ECHO = "/test.Echo/Echo"
 FAIL = "/test.Echo/Fail"
 SLOW = "/test.Echo/Slow"
+ONE = "/test.Echo/One"
 Msg = health_pb2.HealthCheckRequest  # any small protobuf message with one string
 TIMEOUT = 2.0
 
@@ -140,6 +141,11 @@ async def server() -> AsyncIterator[tuple[h2grpc.GrpcServer, int, dict[str, Any]
         while (m := await stream.read()) is not h2grpc.EOF:
             await stream.write(Msg(service=m.service.upper()))
 
+    async def one(stream: h2grpc.ServerStream) -> None:
+        # Answers one message and returns without waiting for the half-close.
+        m = await stream.read()
+        await stream.write(Msg(service=m.service.upper()))
+
     async def fail(stream: h2grpc.ServerStream) -> None:
         await stream.read()
         raise RuntimeError("boom")
@@ -154,6 +160,7 @@ async def server() -> AsyncIterator[tuple[h2grpc.GrpcServer, int, dict[str, Any]
     srv = h2grpc.GrpcServer(max_message_bytes=256 * 1024, max_concurrent_streams=8)
     srv.add_method(ECHO, Msg.FromString, echo)
     srv.add_method(FAIL, Msg.FromString, fail)
+    srv.add_method(ONE, Msg.FromString, one)
     srv.add_method(SLOW, Msg.FromString, slow)
     port = await srv.listen("127.0.0.1", 0)
     yield srv, port, events
@@ -176,6 +183,26 @@ async def test_bidi_echo_with_trailers(server: Any) -> None:
     msgs, trailers = await c.response(sid)
     assert msgs == ["A", "B", "C"]
     assert trailers["grpc-status"] == "0"
+
+
+async def test_handler_done_before_the_half_close_ends_with_trailers_only(
+    server: Any,
+) -> None:
+    """A handler that knows nothing more is due (the EPP after the response
+    headers) ends the call at once: answer and trailers in one go, no RST_STREAM
+    (the peer closes its side when it likes), and late input is dropped."""
+    srv, port, _ = server
+    c = await connect(port)
+    sid = c.open(ONE)
+    c.send(sid, grpc_msg("x"))
+    msgs, trailers = await c.response(sid)  # raises on RST_STREAM
+    assert msgs == ["X"] and trailers["grpc-status"] == "0"
+    c.send(sid, grpc_msg("late"), end=True)  # after the trailers: ignored
+    sid2 = c.open(ECHO)
+    c.send(sid2, grpc_msg("next"), end=True)
+    msgs, _ = await c.response(sid2)  # the connection still works, nothing reset
+    assert msgs == ["NEXT"]
+    assert srv.streams() == 0
 
 
 async def test_message_split_across_frames_and_padding(server: Any) -> None:
