@@ -156,7 +156,7 @@ async def test_stream_ends_with_the_response_headers_answer_when_no_body_follows
     (r3,) = await read_n(call, 1)
     assert r3.WhichOneof("response") == "response_headers"
     # No done_writing() from the client: the server still ends the call.
-    assert await asyncio.wait_for(call.read(), 2) is grpc.aio.EOF
+    assert await asyncio.wait_for(call.read(), 2) is grpc.aio.EOF  # type: ignore[attr-defined]
     assert await call.code() == grpc.StatusCode.OK
     assert len(h.director.decisions[0].finished) == 1
 
