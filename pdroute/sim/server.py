@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 
@@ -40,7 +41,13 @@ from pdroute.sim.http import HttpServer, Request, Response, Stream
 from pdroute.sim.kvcache import BlockPool
 from pdroute.sim.kvevents import KVEventPublisher
 from pdroute.sim.latency import LatencyModel
-from pdroute.sim.metrics import EngineStats, Gauges, ServerMetrics, cache_config_labels
+from pdroute.sim.metrics import (
+    EngineStats,
+    Gauges,
+    SampleFilter,
+    ServerMetrics,
+    cache_config_labels,
+)
 from pdroute.sim.nixl_kv import NixlKV, nixl_available
 from pdroute.sim.tokenizer import Tokenizer
 from pdroute.sim.transfer import (
@@ -72,6 +79,10 @@ def _json(obj: Any, status: int = 200) -> Response:
 
 def _sse(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+#: ``/metrics?name[]=`` filters, shared by the servers of a process.
+_METRICS_FILTER = SampleFilter()
 
 
 class SimServer:
@@ -867,6 +878,9 @@ class SimServer:
 
     async def _metrics(self, request: Request) -> Response:
         self._sync()
-        return Response(
-            self.metrics.render().encode(), 200, b"text/plain; version=0.0.4; charset=utf-8"
-        )
+        text = self.metrics.render()
+        if "name" in request.query:
+            names = parse_qs(request.query).get("name[]")
+            if names:
+                text = _METRICS_FILTER.apply(text, names)
+        return Response(text.encode(), 200, b"text/plain; version=0.0.4; charset=utf-8")

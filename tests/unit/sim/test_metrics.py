@@ -11,6 +11,7 @@ from pdroute.sim.metrics import (
     EngineStats,
     Gauges,
     Histogram,
+    SampleFilter,
     ServerMetrics,
     cache_config_labels,
 )
@@ -186,3 +187,45 @@ def test_fast_render_equals_the_full_rendering_as_state_changes(nixl: bool) -> N
             stats.success["other"] = 7.0  # a new series: the layout is rebuilt
         assert m.render() == m._join(m._pieces())
     assert 'finished_reason="other",model_name="tiny"} 7.0' in m.render()
+
+
+def test_sample_filter_keeps_the_named_samples_and_their_family_headers() -> None:
+    """``/metrics?name[]=``: prometheus_client's restricted-registry output (vLLM
+    serves it), checked line by line against the vLLM capture."""
+    text = (CAPTURES / "metrics_D.txt").read_text()
+    names = [
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:cache_config_info",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:not_a_metric",
+    ]
+    got = SampleFilter().apply(text, names).splitlines()
+    lines = text.splitlines()
+    sample_names = {ln.split("{")[0].split(" ")[0] for ln in got if not ln.startswith("#")}
+    assert sample_names == set(names) - {"vllm:not_a_metric"}
+    # Every sample line of those names, in the page's order, and nothing else.
+    want = [ln for ln in lines if not ln.startswith("#") and re.split(r"[{ ]", ln)[0] in names]
+    assert [ln for ln in got if not ln.startswith("#")] == want
+    # HELP and TYPE of each family with samples, right before them; a histogram's
+    # header under its family name, its _count/_sum/_created left out.
+    heads = [ln for ln in got if ln.startswith("#")]
+    assert "# TYPE vllm:e2e_request_latency_seconds histogram" in heads
+    assert "# TYPE vllm:num_requests_waiting gauge" in heads
+    assert len(heads) == 2 * 4
+    assert not any("_created" in ln or "_count" in ln or "_sum" in ln for ln in got)
+    i = got.index("# TYPE vllm:kv_cache_usage_perc gauge")
+    assert got[i + 1].startswith("vllm:kv_cache_usage_perc{")
+
+
+def test_sample_filter_drops_headers_of_families_without_samples() -> None:
+    text = "# HELP a_total A\n# TYPE a_total counter\n# HELP b B\n# TYPE b gauge\nb 1.0\n"
+    assert SampleFilter().apply(text, ["a_total", "b"]) == "# HELP b B\n# TYPE b gauge\nb 1.0\n"
+    assert SampleFilter().apply(text, ["c"]) == ""
+
+
+def test_sample_filter_cache_is_bounded() -> None:
+    f = SampleFilter()
+    for i in range(100):
+        f.apply("x 1\n", [f"n{i}"])
+    assert len(f._compiled) <= 32
