@@ -183,6 +183,8 @@ class Variant:
     response_headers: bool = True
     #: Extra EnvoyOptions fields.
     options: dict[str, Any] = field(default_factory=dict)
+    #: Extra environment of the Go stub (a stub per distinct value).
+    stub_env: tuple[tuple[str, str], ...] = ()
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -201,6 +203,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("nghttp2", "runtime http2_use_oghttp2 false", (nghttp2,)),
     Variant("google-grpc", "ext_proc over google_grpc instead of envoy_grpc", (google_grpc,)),
     Variant("concurrency-2", "Envoy --concurrency 2", envoy_concurrency=2),
+    Variant("stub-1p", "the Go stub with GOMAXPROCS=1", stub_env=(("GOMAXPROCS", "1"),)),
     Variant("lean", "retain-route + no-stats", (lean,)),
     Variant(
         "lean+skip+buffered",
@@ -215,9 +218,18 @@ class VariantEnvoy(EnvoyProcess):
     """:class:`EnvoyProcess` started from a given bootstrap dict instead of the one
     its options render (everything else, readiness and health helpers, is reused)."""
 
-    def __init__(self, options: EnvoyOptions, bootstrap: Bootstrap, **kw: Any) -> None:
+    def __init__(
+        self,
+        options: EnvoyOptions,
+        bootstrap: Bootstrap,
+        *,
+        wrapper: list[str] | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(options, **kw)
         self.bootstrap = bootstrap
+        #: Command prefix (``valgrind ...`` for instruction counts).
+        self.wrapper = wrapper or []
 
     def start(self, timeout_s: float = 30.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +240,7 @@ class VariantEnvoy(EnvoyProcess):
             concurrency=self.concurrency,
             log_level=self.log_level,
         )
-        self.proc = spawn_in_group(argv, self.log_path)
+        self.proc = spawn_in_group([*self.wrapper, *argv], self.log_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -267,12 +279,15 @@ def build_stub() -> Path:
     return out
 
 
-def start_stub(binary: Path, pool: list[str]) -> tuple[subprocess.Popen[str], int]:
+def start_stub(
+    binary: Path, pool: list[str], env: tuple[tuple[str, str], ...] = ()
+) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
         [str(binary), "-addr", "127.0.0.1:0", "-pool", ",".join(pool)],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        env={**os.environ, **dict(env)},
     )
     assert proc.stdout is not None
     first = proc.stdout.readline().split()
@@ -309,10 +324,48 @@ def machine_busy_s() -> float:
     return (sum(vals[:8]) - idle) / CLK_TCK
 
 
+def user_sys(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+PERF_EVENTS = ("raw_syscalls:sys_enter", "context-switches")
+
+
+def start_perf(pid: int, seconds: float) -> subprocess.Popen[str] | None:
+    """Count ``pid``'s syscalls and context switches for ``seconds`` (``perf stat``;
+    tracepoints need no hardware counters). None without perf."""
+    perf = shutil.which("perf")
+    if not perf:
+        return None
+    return subprocess.Popen(
+        [perf, "stat", "-x,", "-e", ",".join(PERF_EVENTS), "-p", str(pid), "--", "sleep",
+         f"{seconds:g}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def perf_counts(proc: subprocess.Popen[str] | None) -> dict[str, int]:
+    if proc is None:
+        return {}
+    _, err = proc.communicate(timeout=60)
+    out: dict[str, int] = {}
+    for line in err.splitlines():
+        parts = line.split(",")
+        if len(parts) > 2 and parts[2] in PERF_EVENTS and parts[0].isdigit():
+            out[parts[2]] = int(parts[0])
+    return out
+
+
 @dataclass
 class Snapshot:
     t: float
     envoy_threads: dict[int, tuple[str, float]]
+    envoy_user_sys: tuple[float, float]
     stub: float
     backends: float
     children: float
@@ -324,6 +377,7 @@ class Snapshot:
         return cls(
             t=time.monotonic(),
             envoy_threads=thread_cpu(envoy_pid),
+            envoy_user_sys=user_sys(envoy_pid),
             stub=eo.cpu_seconds(stub_pid) if stub_pid else 0.0,
             backends=eo.cpu_seconds(backend_pid),
             children=ru.ru_utime + ru.ru_stime,
@@ -356,8 +410,8 @@ def busiest_worker(a: Snapshot, b: Snapshot, wall: float) -> float:
 class Ctx:
     envoy_bin: str
     pool: list[str]
-    stub_pid: int
-    stub_port: int
+    #: Running stubs by their extra environment: (pid, port).
+    stubs: dict[tuple[tuple[str, str], ...], tuple[int, int]]
     backend_pid: int
     wrk: str
     script: Path
@@ -368,10 +422,11 @@ class Ctx:
 
 
 def run_variant(v: Variant, ctx: Ctx, rnd: int) -> dict[str, Any]:
+    stub_pid, stub_port = ctx.stubs[v.stub_env]
     opts = EnvoyOptions(
         listen_port=free_port(),
         admin_port=free_port(),
-        epp_port=ctx.stub_port if v.epp else 1,
+        epp_port=stub_port if v.epp else 1,
         pool=ctx.pool,
         epp_enabled=v.epp,
         response_headers=v.response_headers,
@@ -379,7 +434,7 @@ def run_variant(v: Variant, ctx: Ctx, rnd: int) -> dict[str, Any]:
     )
     bs = copy.deepcopy(render_bootstrap(opts))
     for fn in v.mutate:
-        fn(bs, ctx.stub_port)
+        fn(bs, stub_port)
     envoy = VariantEnvoy(
         opts,
         bs,
@@ -396,11 +451,23 @@ def run_variant(v: Variant, ctx: Ctx, rnd: int) -> dict[str, Any]:
             envoy.wait_epp_health(True, 15)
         url = envoy.url + "/v1/completions"
         eo.run_wrk(ctx.wrk, url, ctx.script, ctx.concurrency, ctx.warmup)
-        stub_pid = ctx.stub_pid if v.epp else None
+        measured_stub = stub_pid if v.epp else None
         for conc in (1, ctx.concurrency):
-            a = Snapshot.take(pid, stub_pid, ctx.backend_pid)
+            a = Snapshot.take(pid, measured_stub, ctx.backend_pid)
+            # perf counts a window inside the wrk run; normalized by wrk's rate.
+            window = max(ctx.duration - 0.5, 0.5)
+            perf = start_perf(pid, window)
             res, _ = eo.run_wrk(ctx.wrk, url, ctx.script, conc, ctx.duration)
-            b = Snapshot.take(pid, stub_pid, ctx.backend_pid)
+            b = Snapshot.take(pid, measured_stub, ctx.backend_pid)
+            counts = perf_counts(perf)
+            per_s = max(res["rps"], 1e-9) * window
+            if counts:
+                res["envoy_syscalls_per_req"] = round(
+                    counts.get("raw_syscalls:sys_enter", 0) / per_s, 2
+                )
+                res["envoy_ctx_switches_per_req"] = round(
+                    counts.get("context-switches", 0) / per_s, 2
+                )
             wall = b.t - a.t
             reqs = max(res["requests"], 1)
             envoy_s = sum(t for _, t in b.envoy_threads.values()) - sum(
@@ -413,6 +480,12 @@ def run_variant(v: Variant, ctx: Ctx, rnd: int) -> dict[str, Any]:
             res.update(
                 {
                     "envoy_cpu_ms_per_req": round(envoy_s / reqs * 1000, 4),
+                    "envoy_user_ms_per_req": round(
+                        (b.envoy_user_sys[0] - a.envoy_user_sys[0]) / reqs * 1000, 4
+                    ),
+                    "envoy_sys_ms_per_req": round(
+                        (b.envoy_user_sys[1] - a.envoy_user_sys[1]) / reqs * 1000, 4
+                    ),
                     "stub_cpu_ms_per_req": round((b.stub - a.stub) / reqs * 1000, 4),
                     "backends_cpu_ms_per_req": round((b.backends - a.backends) / reqs * 1000, 4),
                     "wrk_cpu_ms_per_req": round((b.children - a.children) / reqs * 1000, 4),
@@ -436,6 +509,176 @@ def run_variant(v: Variant, ctx: Ctx, rnd: int) -> dict[str, Any]:
     return out
 
 
+# -- instruction counts (callgrind): numbers that a shared machine does not move -----
+
+
+class Callgrind:
+    """Envoy under ``valgrind --tool=callgrind --instr-atstart=no``, controlled through
+    its own ``--vgdb-prefix`` and explicit pid (never another user's valgrind)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.prefix = str(workdir / "vgdb")
+        self.out = workdir / "callgrind.out"
+        self.pid = 0
+
+    def wrapper(self) -> list[str]:
+        valgrind = shutil.which("valgrind")
+        if not valgrind:
+            raise FileNotFoundError("valgrind is not installed: run `apt-get install -y valgrind`")
+        return [
+            valgrind,
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--vgdb-prefix={self.prefix}",
+            f"--callgrind-out-file={self.out}",
+        ]
+
+    def command(self, *cmd: str) -> None:
+        if self.pid <= 0:
+            raise RuntimeError("callgrind: no pid of our own to control")
+        subprocess.run(
+            ["callgrind_control", f"--vgdb-prefix={self.prefix}", *cmd, str(self.pid)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def zero(self) -> None:
+        self.command("-z")
+
+    def dump(self) -> int:
+        """Dump and return the instructions counted since the last zero."""
+        before = set(self.dir.glob("callgrind.out*"))
+        self.command("-d")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            new = sorted(set(self.dir.glob("callgrind.out*")) - before)
+            for path in new:
+                for line in path.read_text(errors="replace").splitlines():
+                    if line.startswith(("totals:", "summary:")):
+                        return int(line.split()[1])
+            time.sleep(0.2)
+        raise TimeoutError("callgrind dump did not appear")
+
+
+def post_n(url: str, n: int, concurrency: int) -> tuple[int, float]:
+    """POST the benchmark body ``n`` times over ``concurrency`` keep-alive connections;
+    returns (non-2xx count, wall seconds)."""
+    import http.client
+    import threading
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    bad = [0]
+    lock = threading.Lock()
+
+    def worker(count: int) -> None:
+        conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 80, timeout=120)
+        for _ in range(count):
+            conn.request("POST", u.path, eo.BODY, {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            if not 200 <= r.status < 300:
+                with lock:
+                    bad[0] += 1
+        conn.close()
+
+    per = [n // concurrency + (1 if i < n % concurrency else 0) for i in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(k,)) for k in per if k]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return bad[0], time.monotonic() - t0
+
+
+def count_variant(v: Variant, ctx: Ctx, requests: int, conc: int) -> dict[str, Any]:
+    """Envoy's instructions per request for ``v`` at concurrency 1 and ``conc``, net of
+    what an idle Envoy executes in the same wall time (health checks, timers)."""
+    _stub_pid, stub_port = ctx.stubs[v.stub_env]
+    opts = EnvoyOptions(
+        listen_port=free_port(),
+        admin_port=free_port(),
+        epp_port=stub_port if v.epp else 1,
+        pool=ctx.pool,
+        epp_enabled=v.epp,
+        response_headers=v.response_headers,
+        **v.options,
+    )
+    bs = copy.deepcopy(render_bootstrap(opts))
+    for fn in v.mutate:
+        fn(bs, stub_port)
+    workdir = ctx.tmp / f"ir-{v.name}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    cg = Callgrind(workdir)
+    envoy = VariantEnvoy(
+        opts,
+        bs,
+        wrapper=cg.wrapper(),
+        binary=ctx.envoy_bin,
+        concurrency=v.envoy_concurrency,
+        workdir=workdir,
+    )
+    envoy.start(timeout_s=600)
+    out: dict[str, Any] = {}
+    try:
+        assert envoy.proc is not None
+        cg.pid = envoy.proc.pid
+        if v.epp:
+            envoy.wait_epp_health(True, 120)
+        url = envoy.url + "/v1/completions"
+        cg.command("-i", "on")
+        post_n(url, 20, 1)  # warm caches, connections, lazily built state
+        cg.zero()
+        idle_s = 5.0
+        time.sleep(idle_s)
+        idle_rate = cg.dump() / idle_s
+        out["idle_instructions_per_s"] = round(idle_rate)
+        for c in (1, conc):
+            cg.zero()
+            bad, wall = post_n(url, requests, c)
+            ir = cg.dump()
+            out[f"c{c}"] = {
+                "requests": requests,
+                "non_2xx": bad,
+                "wall_s": round(wall, 2),
+                "instructions": ir,
+                "k_instructions_per_req": round(max(ir - idle_rate * wall, 0) / requests / 1000, 1),
+            }
+            print(f"  {v.name} c={c}: {out[f'c{c}']}", file=sys.stderr)
+    finally:
+        envoy.stop(timeout_s=60)
+    return out
+
+
+def instructions_table(res: dict[str, dict[str, Any]], conc: int) -> str:
+    c = f"c{conc}"
+    base = res.get("default")
+    rows = [
+        ("variant", "k instr/req c1", "vs default", f"k instr/req c{conc}", "vs default", "non-2xx")
+    ]
+    for name, r in res.items():
+        if "error" in r:
+            rows.append((name, "FAILED", "-", "-", "-", "-"))
+            continue
+        k1, kc = r["c1"]["k_instructions_per_req"], r[c]["k_instructions_per_req"]
+        d1 = (
+            f"{k1 - base['c1']['k_instructions_per_req']:+.1f}"
+            if base and name != "default"
+            else "-"
+        )
+        dc = f"{kc - base[c]['k_instructions_per_req']:+.1f}" if base and name != "default" else "-"
+        rows.append(
+            (name, f"{k1:.1f}", d1, f"{kc:.1f}", dc, str(r["c1"]["non_2xx"] + r[c]["non_2xx"]))
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
 # -- aggregation and report ------------------------------------------------------------
 
 _MEDIAN_KEYS = (
@@ -444,6 +687,10 @@ _MEDIAN_KEYS = (
     "p99_ms",
     "non_2xx",
     "envoy_cpu_ms_per_req",
+    "envoy_user_ms_per_req",
+    "envoy_sys_ms_per_req",
+    "envoy_syscalls_per_req",
+    "envoy_ctx_switches_per_req",
     "stub_cpu_ms_per_req",
     "backends_cpu_ms_per_req",
     "wrk_cpu_ms_per_req",
@@ -506,7 +753,7 @@ def table(summary: dict[str, dict[str, Any]], concurrency: int) -> str:
     rows = [
         (
             "variant", "c1 req/s", "c1 p50", "+p50", f"c{concurrency} req/s", "p50", "p99",
-            "Envoy ms/req", "vs default", "stub", "backends", "wrk", "worker", "machine", "other",
+            "Envoy ms/req", "vs default", "usr", "sys", "syscalls", "stub", "backends", "wrk", "worker", "machine", "other",
         )
     ]  # fmt: skip
     for name, s in summary.items():
@@ -523,6 +770,9 @@ def table(summary: dict[str, dict[str, Any]], concurrency: int) -> str:
                 f"{rc['p99_ms']:.2f}",
                 f"{rc['envoy_cpu_ms_per_req']:.3f}",
                 f"{vs:+.3f}" if vs is not None else "-",
+                f"{rc['envoy_user_ms_per_req']:.3f}",
+                f"{rc['envoy_sys_ms_per_req']:.3f}",
+                f"{rc['envoy_syscalls_per_req']:.1f}",
                 f"{rc['stub_cpu_ms_per_req']:.3f}",
                 f"{rc['backends_cpu_ms_per_req']:.3f}",
                 f"{rc['wrk_cpu_ms_per_req']:.3f}",
@@ -553,6 +803,17 @@ def main() -> int:
         help="comma-separated variant names (default: all; alone and default are always run)",
     )
     ap.add_argument("--list", action="store_true", help="list the variants and exit")
+    ap.add_argument(
+        "--instructions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of timing: count Envoy's instructions per request under callgrind "
+        "(N requests per measurement; slow, but a busy machine does not move it)",
+    )
+    ap.add_argument(
+        "--ir-concurrency", type=int, default=8, help="second concurrency of --instructions"
+    )
     ap.add_argument("--stub-binary", type=Path, help="a prebuilt go_stub (default: build it)")
     ap.add_argument("--json", type=Path, help="also write the JSON result here")
     args = ap.parse_args()
@@ -592,6 +853,7 @@ def main() -> int:
     procs: list[subprocess.Popen[Any]] = []
     rounds: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
     errors: dict[str, str] = {}
+    ir: dict[str, dict[str, Any]] = {}
     result: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "envoy": envoy_bin, "loadavg_start": loadavg()},
         "config": {
@@ -621,13 +883,15 @@ def main() -> int:
         )
         procs.append(backend)
         eo.wait_line(backend, "ready", 20)
-        stub, stub_port = start_stub(stub_bin, pool)
-        procs.append(stub)
+        stubs: dict[tuple[tuple[str, str], ...], tuple[int, int]] = {}
+        for env in dict.fromkeys(v.stub_env for v in variants):
+            stub, stub_port = start_stub(stub_bin, pool, env)
+            procs.append(stub)
+            stubs[env] = (stub.pid, stub_port)
         ctx = Ctx(
             envoy_bin=envoy_bin,
             pool=pool,
-            stub_pid=stub.pid,
-            stub_port=stub_port,
+            stubs=stubs,
             backend_pid=backend.pid,
             wrk=wrk,
             script=script,
@@ -636,25 +900,45 @@ def main() -> int:
             warmup=args.warmup,
             concurrency=args.concurrency,
         )
-        for rnd in range(args.repeats):
-            print(f"round {rnd + 1}/{args.repeats}, load average {loadavg()}", file=sys.stderr)
+        if args.instructions:
             for v in variants:
                 try:
-                    run = run_variant(v, ctx, rnd)
+                    ir[v.name] = count_variant(v, ctx, args.instructions, args.ir_concurrency)
                 except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
-                    # A variant Envoy refuses (or that breaks the traffic) is a finding,
-                    # not a reason to lose the others.
-                    errors[v.name] = str(exc)[-600:]
-                    print(f"  [{rnd}] {v.name}: FAILED {errors[v.name]}", file=sys.stderr)
-                    continue
-                run["round"] = rnd
-                rounds[v.name].append(run)
+                    ir[v.name] = {"error": str(exc)[-600:]}
+                    print(f"  {v.name}: FAILED {ir[v.name]['error']}", file=sys.stderr)
+        else:
+            for rnd in range(args.repeats):
+                print(f"round {rnd + 1}/{args.repeats}, load average {loadavg()}", file=sys.stderr)
+                for v in variants:
+                    try:
+                        run = run_variant(v, ctx, rnd)
+                    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+                        # A variant Envoy refuses (or that breaks the traffic) is a finding,
+                        # not a reason to lose the others.
+                        errors[v.name] = str(exc)[-600:]
+                        print(f"  [{rnd}] {v.name}: FAILED {errors[v.name]}", file=sys.stderr)
+                        continue
+                    run["round"] = rnd
+                    rounds[v.name].append(run)
     finally:
         for p in reversed(procs):
             eo.stop(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
     result["machine"]["loadavg_end"] = loadavg()
+    if args.instructions:
+        result["config"]["method"] = (
+            f"callgrind instruction counts of the Envoy process, {args.instructions} requests "
+            f"per measurement, net of the idle rate (health checks, timers)"
+        )
+        result["instructions"] = ir
+        print(instructions_table(ir, args.ir_concurrency))
+        doc = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
+        print(doc)
+        if args.json:
+            args.json.write_text(doc + "\n")
+        return 0
     summary = summarize(rounds, args.concurrency)
     result["summary"] = summary
     result["errors"] = errors
