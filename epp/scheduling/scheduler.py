@@ -66,6 +66,20 @@ class SchedulerProfile(SchedulerProfileLike):
         self.picker = picker
         self._pick_obs = _observer("Picker", picker)
 
+    @property
+    def scorers(self) -> list[tuple[Scorer, float, Callable[[float], None]]]:
+        """``(scorer, weight, latency observer)`` in configuration order (weight > 0)."""
+        return self._scorers
+
+    @scorers.setter
+    def scorers(self, value: list[tuple[Scorer, float, Callable[[float], None]]]) -> None:
+        self._scorers = list(value)
+        # Columns of the same list, for the hot loop.
+        self._score_fns = [s.score for s, _, _ in self._scorers]
+        self._weights = [w for _, w, _ in self._scorers]
+        self._score_obs = [obs for _, _, obs in self._scorers]
+        self._unit = [getattr(s, "unit_scores", False) is True for s, _, _ in self._scorers]
+
     def run(
         self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]
     ) -> ProfileRunResult | None:
@@ -73,35 +87,85 @@ class SchedulerProfile(SchedulerProfileLike):
         if not candidates:
             cycle.rejections[self.name] = "no candidate endpoints"
             return None
+        perf = _perf
         for f, obs in self.filters:
-            t = _perf()
+            t = perf()
             out = f.filter(cycle, request, candidates)
-            obs(_perf() - t)
+            obs(perf() - t)
             if not out:
                 cycle.rejections[self.name] = (
                     f"filter {f.name!r} removed all {len(candidates)} candidates"
                 )
                 return None
             candidates = out
-        n = len(candidates)
-        totals = [0.0] * n
-        for s, w, obs in self.scorers:
-            t = _perf()
-            scores = s.score(cycle, request, candidates)
-            obs(_perf() - t)
-            if len(scores) == n and not any(scores):  # all 0.0 (no prefix match): adds 0
-                continue
-            for i in range(n):
-                v = scores[i]
-                if v > 0.0:  # NaN and negatives count as 0
-                    totals[i] += w * (v if v < 1.0 else 1.0)
-        t = _perf()
+        # The scorers run back to back, one timestamp between consecutive calls;
+        # their latencies are observed and their scores summed afterwards.
+        lists: list[Sequence[float]] = []
+        append = lists.append
+        marks = [perf()]
+        mark = marks.append
+        for score in self._score_fns:
+            append(score(cycle, request, candidates))
+            mark(perf())
+        for i, obs in enumerate(self._score_obs):
+            obs(marks[i + 1] - marks[i])
+        totals = weighted_totals(lists, self._weights, len(candidates), self._unit)
+        t = perf()
         result = self.picker.pick(cycle, request, candidates, totals)
-        self._pick_obs(_perf() - t)
+        self._pick_obs(perf() - t)
         if not result.targets:
             cycle.rejections[self.name] = f"picker {self.picker.name!r} chose nothing"
             return None
         return result
+
+
+def _clamp(scores: Sequence[float]) -> list[float]:
+    """NaN and values <= 0 -> 0.0, values >= 1 -> 1.0."""
+    return [(v if v < 1.0 else 1.0) if v > 0.0 else 0.0 for v in scores]
+
+
+def weighted_totals(
+    lists: Sequence[Sequence[float]],
+    weights: Sequence[float],
+    n: int,
+    unit: Sequence[bool] | None = None,
+) -> list[float]:
+    """``sum(w * clamp(score))`` per candidate, scorers in order.
+
+    ``clamp`` maps NaN and values <= 0 to 0 and values >= 1 to 1; lists whose
+    ``unit`` flag is set (:attr:`Scorer.unit_scores`) are already in range and
+    are not clamped. Each total is accumulated left to right over the scorers
+    (``0.0 + w1*s1 + w2*s2 ...``, ``t + w*0.0 == t``) and an all-zero list is
+    skipped, so the floats are exactly those of a plain per-candidate loop. Up to
+    three lists are added per pass over the candidates. A list shorter than ``n``
+    raises IndexError; extra entries are ignored.
+    """
+    terms: list[tuple[Sequence[float], float]] = []
+    for j, (given, w) in enumerate(zip(lists, weights, strict=True)):
+        # A wrong length: IndexError when short, extra entries ignored.
+        scores = given if len(given) == n else [given[i] for i in range(n)]
+        if not any(scores):  # all 0.0 (no prefix match, no session): adds 0
+            continue
+        terms.append((scores if unit is not None and unit[j] else _clamp(scores), w))
+    totals: list[float] = [0.0] * n
+    i = 0
+    while i < len(terms):
+        left = len(terms) - i
+        if left >= 3:
+            (a, wa), (b, wb), (c, wc) = terms[i : i + 3]
+            totals = [
+                t + wa * x + wb * y + wc * z for t, x, y, z in zip(totals, a, b, c, strict=True)
+            ]
+            i += 3
+        elif left == 2:
+            (a, wa), (b, wb) = terms[i : i + 2]
+            totals = [t + wa * x + wb * y for t, x, y in zip(totals, a, b, strict=True)]
+            i += 2
+        else:
+            a, wa = terms[i]
+            totals = [t + wa * x for t, x in zip(totals, a, strict=True)]
+            i += 1
+    return totals
 
 
 class Scheduler:
@@ -249,4 +313,5 @@ __all__ = [
     "SchedulerProfile",
     "build_pipeline",
     "no_endpoint_error",
+    "weighted_totals",
 ]

@@ -164,6 +164,10 @@ class Filter(Plugin):
 
 class Scorer(Plugin):
     kind = PluginKind.SCORER
+    #: True when ``score`` only ever returns numbers in [0, 1] (never NaN): the
+    #: runner then adds them without clamping. Leave False unless the formula
+    #: guarantees it for every input (metrics included).
+    unit_scores: ClassVar[bool] = False
 
     @abstractmethod
     def score(

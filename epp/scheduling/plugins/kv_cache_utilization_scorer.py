@@ -1,4 +1,12 @@
-"""kv-cache-utilization-scorer: ``1 - kv_cache_usage`` (stale endpoints score 0)."""
+"""kv-cache-utilization-scorer: ``1 - kv_cache_usage`` (stale endpoints score 0).
+
+Scores are clamped to [0, 1] here (NaN -> 0), exactly as the runner clamps any
+scorer's output, so the runner can add them as they are (``unit_scores``).
+
+The scores depend only on the candidate views, which are immutable and shared
+by every request until the datastore's snapshot changes; the last candidate
+list (a copy) and its scores are kept, and an equal list gets the same tuple.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +21,23 @@ from epp.scheduling.types import CycleState, LLMRequest, Scorer
 @register
 class KVCacheUtilizationScorer(NoParams, Scorer):
     type_name = "kv-cache-utilization-scorer"
+    unit_scores = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._last: tuple[list[EndpointView] | None, tuple[float, ...]] = (None, ())
 
     def score(
         self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]
     ) -> Sequence[float]:
-        return [0.0 if e.stale else 1.0 - e.metrics.kv_cache_usage for e in endpoints]
+        last_in, last_out = self._last
+        if last_in == endpoints:
+            return last_out
+        out = tuple(
+            0.0
+            if e.stale
+            else ((s if s < 1.0 else 1.0) if (s := 1.0 - e.metrics.kv_cache_usage) > 0.0 else 0.0)
+            for e in endpoints
+        )
+        self._last = (list(endpoints), out)
+        return out

@@ -2,6 +2,10 @@
 
 ``score = 0.5 * (1 - min(q, threshold) / threshold)``; the maximum is deliberately
 0.5 so an idle endpoint does not dominate affinity scorers. Stale endpoints score 0.
+
+The scores depend only on the candidate views (immutable, shared by every request
+until the datastore's snapshot changes) and ``threshold``: the last candidate list
+(a copy) and its scores are kept, and an equal list gets the same tuple.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from epp.scheduling.types import CycleState, LLMRequest, Scorer
 @register
 class LoadAwareScorer(Scorer):
     type_name = "load-aware-scorer"
+    unit_scores = True
 
     def __init__(self, name: str, threshold: int = 128) -> None:
         self.name = name
         self.threshold = threshold
+        self._last: tuple[list[EndpointView] | None, int, tuple[float, ...]] = (None, 0, ())
 
     @classmethod
     def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
@@ -33,11 +39,14 @@ class LoadAwareScorer(Scorer):
         self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]
     ) -> Sequence[float]:
         t = self.threshold
-        out = []
-        for e in endpoints:
-            q = e.metrics.waiting
-            if e.stale or q >= t:
-                out.append(0.0)
-            else:
-                out.append(0.5 * (1.0 - max(q, 0) / t))
+        last_in, last_t, last_out = self._last
+        if last_t == t and last_in == endpoints:
+            return last_out
+        out = tuple(
+            0.0
+            if e.stale or (q := e.metrics.waiting) >= t
+            else 0.5 * (1.0 - (q if q > 0 else 0) / t)
+            for e in endpoints
+        )
+        self._last = (list(endpoints), t, out)
         return out

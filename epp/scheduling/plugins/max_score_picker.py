@@ -1,9 +1,17 @@
 """max-score-picker: the highest total score wins; ties are broken at random.
 
 With ``maxNumOfEndpoints > 1`` the next best follow as fallbacks (best first).
+Candidates are sorted by score (stable) and only groups of equal scores that
+reach into the chosen ones are put in random order, which draws from the rng
+only when there is a tie to break. Scores are expected to be numbers (the
+runner's totals never hold NaN).
 """
 
 from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from itertools import pairwise
 
 from epp.datastore import EndpointView
 from epp.scheduling.plugins._util import CountPicker
@@ -25,13 +33,43 @@ class MaxScorePicker(CountPicker):
         n = len(endpoints)
         if n == 0:
             return ProfileRunResult([])
+        rng = self.rng
         if self.max_endpoints == 1:
             best = max(scores)
             ties = [i for i in range(n) if scores[i] == best]
-            i = ties[0] if len(ties) == 1 else self.rng.choice(ties)
+            i = ties[0] if len(ties) == 1 else rng.choice(ties)
             return ProfileRunResult([endpoints[i]], [scores[i]])
-        order = list(range(n))
-        self.rng.shuffle(order)
-        order.sort(key=scores.__getitem__, reverse=True)  # stable: shuffled ties stay random
-        top = order[: self.max_endpoints]
-        return ProfileRunResult([endpoints[i] for i in top], [scores[i] for i in top])
+        k = self.max_endpoints
+        at = scores.__getitem__
+        order = sorted(range(n), key=at, reverse=True)  # stable: ties in candidate order
+        top = order[:k]
+        # Ties only matter among the chosen and between the last chosen and the next.
+        vals = [at(i) for i in order[: k + 1]]
+        if any(a == b for a, b in pairwise(vals)):
+            top = _random_ties(order, at, k, rng)
+        return ProfileRunResult([endpoints[i] for i in top], [at(i) for i in top])
+
+
+def _random_ties(
+    order: list[int], at: Callable[[int], float], k: int, rng: random.Random
+) -> list[int]:
+    """The first ``k`` of ``order`` (sorted by score, best first) with each group
+    of equal scores in uniformly random order: the same distribution as shuffling
+    all candidates before a stable sort, drawing only for the groups that count."""
+    out: list[int] = []
+    j = 0
+    n = len(order)
+    while len(out) < k and j < n:
+        s = at(order[j])
+        end = j + 1
+        while end < n and at(order[end]) == s:
+            end += 1
+        group = order[j:end]
+        need = k - len(out)
+        if len(group) > need:
+            group = rng.sample(group, need)
+        elif len(group) > 1:
+            rng.shuffle(group)
+        out += group
+        j = end
+    return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Self
 
 from epp.config import Params
@@ -39,11 +40,13 @@ from epp.scheduling.types import (
 )
 
 DEFAULT_PREFIX_PLUGIN = "prefix-cache-scorer"
+_KEY = attrgetter("key")
 
 
 @register
 class NoHitLRUScorer(Scorer, PreRequest):
     type_name = "no-hit-lru-scorer"
+    unit_scores = True
 
     def __init__(
         self,
@@ -96,17 +99,27 @@ class NoHitLRUScorer(Scorer, PreRequest):
             return [0.5] * n
         if n == 1:
             return [1.0]
-        position = {k: i for i, k in enumerate(self._lru)}  # 0 = least recently used
-        never = [i for i, e in enumerate(endpoints) if e.key not in position]
-        rank = [0] * n
-        for r, i in enumerate(never):
-            rank[i] = r
-        for i, e in enumerate(endpoints):
-            pos = position.get(e.key)
-            if pos is not None:
-                rank[i] = len(never) + pos
+        lru = self._lru
         span = n - 1
-        return [max(0.0, 1.0 - r / span) for r in rank]
+        if not lru:  # nobody used yet: rank = candidate order
+            return [1.0 - r / span for r in range(n)]
+        position = {k: i for i, k in enumerate(lru)}  # 0 = least recently used
+        pos: list[int | None] = list(map(position.get, map(_KEY, endpoints)))
+        never = pos.count(None)  # these rank first, in candidate order
+        if not never:  # the usual case: rank = LRU position
+            return [x if (x := 1.0 - p / span) > 0.0 else 0.0 for p in pos]  # type: ignore[operator]
+        out: list[float] = []
+        append = out.append
+        r_never = 0
+        for p in pos:
+            if p is None:
+                r = r_never
+                r_never += 1
+            else:
+                r = never + p
+            x = 1.0 - r / span
+            append(x if x > 0.0 else 0.0)
+        return out
 
     def pre_request(
         self,

@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from itertools import repeat
+from operator import attrgetter
 from typing import Self
 
 from epp.config import Params
@@ -31,10 +33,15 @@ from epp.scheduling.plugins.inflight_load_producer import parse_duration
 from epp.scheduling.registry import BuildContext, register
 from epp.scheduling.types import CycleState, LLMRequest, PreRequest, SchedulingResult, Scorer
 
+_KEY = attrgetter("key")
+#: ``(count, as_of)`` of an endpoint never routed to.
+_NEVER = (0.0, math.inf)
+
 
 @register
 class RoutedLoadScorer(Scorer, PreRequest):
     type_name = "routed-load-scorer"
+    unit_scores = True
 
     def __init__(
         self,
@@ -69,10 +76,17 @@ class RoutedLoadScorer(Scorer, PreRequest):
     def score(
         self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]
     ) -> Sequence[float]:
-        now = self.clock()
-        loads = [self.load(e.key, now) for e in endpoints]
-        if not loads:
+        if not endpoints:
             return []
+        now = self.clock()
+        exp = math.exp
+        neg_rate = -self._rate
+        # self.load(key, now) per endpoint, inlined (same floats); an endpoint never
+        # routed to gets _NEVER: its age is -inf, so its load is the count, 0.0.
+        loads = [
+            count * exp(neg_rate * age) if (age := now - as_of) > 0.0 else count
+            for count, as_of in map(self._counts.get, map(_KEY, endpoints), repeat(_NEVER))
+        ]
         lo, hi = min(loads), max(loads)
         if hi - lo <= 1e-9:
             return [1.0] * len(loads)

@@ -37,6 +37,7 @@ def decode_token(token: str) -> str | None:
 @register
 class SessionAffinityScorer(Scorer, ResponseHeaders):
     type_name = "session-affinity-scorer"
+    unit_scores = True
 
     def __init__(self, name: str) -> None:
         self.name = name
