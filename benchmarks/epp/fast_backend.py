@@ -4,7 +4,9 @@ One process serves many ports with a bare asyncio protocol (uvloop), so the
 backends cost as little CPU as possible next to the thing being measured. Each
 port answers every request with a small fixed JSON body naming itself, keeps the
 connection alive, reads ``content-length`` and ``chunked`` request bodies, and
-serves ``GET /metrics`` from a vLLM capture so the EPP's scraper sees real metrics.
+serves ``GET /metrics`` from a vLLM capture so the EPP's scraper sees real metrics;
+like vLLM, ``/metrics/?name[]=...`` (prometheus_client's app) serves only the
+samples named, ``/metrics`` always the whole page.
 
 Usage: ``python benchmarks/epp/fast_backend.py --ports 18000,18001 [--metrics FILE]``;
 prints ``ready`` on stdout once every port listens.
@@ -17,10 +19,13 @@ import asyncio
 import functools
 import sys
 from pathlib import Path
+from urllib.parse import parse_qs
+
+from pdroute.sim.metrics import SampleFilter
 
 
 class _Http(asyncio.Protocol):
-    def __init__(self, answer: bytes, metrics: bytes) -> None:
+    def __init__(self, answer: bytes, metrics: _Metrics) -> None:
         self._answer = answer
         self._metrics = metrics
         self._buf = b""
@@ -65,7 +70,8 @@ class _Http(asyncio.Protocol):
                     break
         assert self._transport is not None
         if head.startswith(b"get /metrics"):
-            self._transport.write(self._metrics)
+            target = buf[4 : head.find(b" ", 4)]
+            self._transport.write(self._metrics.response(target))
         else:
             self._transport.write(self._answer)
         return pos
@@ -82,9 +88,31 @@ def _response(body: bytes, content_type: bytes) -> bytes:
     )
 
 
+class _Metrics:
+    """The capture's response, and its ``/metrics/?name[]=`` variants (cached)."""
+
+    def __init__(self, text: bytes) -> None:
+        self._text = text.decode()
+        self._filter = SampleFilter()
+        self._cache: dict[bytes, bytes] = {}
+
+    def response(self, target: bytes) -> bytes:
+        got = self._cache.get(target)
+        if got is None:
+            text = self._text
+            path, _, query = target.decode("latin-1").partition("?")
+            names = parse_qs(query).get("name[]") if path == "/metrics/" else None
+            if names:
+                text = self._filter.apply(text, names)
+            got = _response(text.encode(), b"text/plain; version=0.0.4")
+            if len(self._cache) < 64:
+                self._cache[target] = got
+        return got
+
+
 async def serve(ports: list[int], metrics_text: bytes) -> None:
     loop = asyncio.get_running_loop()
-    metrics = _response(metrics_text, b"text/plain; version=0.0.4")
+    metrics = _Metrics(metrics_text)
     for port in ports:
         answer = _response(
             b'{"served_by":"127.0.0.1:%d","choices":[{"text":"ok"}]}' % port, b"application/json"

@@ -28,6 +28,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from epp.datalayer.promtext import MetricsParseError, Sample, parse_selected
 from epp.datastore import Endpoint, EndpointMetrics
@@ -113,6 +114,9 @@ class EngineMapping:
     cache_num_blocks: Spec | None = None
     #: Every sample name this mapping reads (what the selective parser looks for).
     wanted: frozenset[str] = field(init=False)
+    #: ``name[]=...`` query asking the engine for exactly ``wanted`` (prometheus_client's
+    #: filter: vLLM and SGLang serve only those samples, others ignore it).
+    name_query: str = field(init=False)
 
     def __post_init__(self) -> None:
         specs = (
@@ -124,7 +128,10 @@ class EngineMapping:
             self.cache_block_size,
             self.cache_num_blocks,
         )
-        object.__setattr__(self, "wanted", frozenset(s.name for s in specs if s is not None))
+        wanted = frozenset(s.name for s in specs if s is not None)
+        object.__setattr__(self, "wanted", wanted)
+        query = "&".join("name%5B%5D=" + quote(n, safe="") for n in sorted(wanted))
+        object.__setattr__(self, "name_query", query)
 
     def parse(self, text: str) -> EndpointMetrics:
         """Parse a /metrics page into metrics (``updated_at`` left 0)."""

@@ -179,6 +179,7 @@ class SimServer:
             ("POST", "/v1/unload_lora_adapter"): self._unload_lora,
             ("GET", "/health"): self._health,
             ("GET", "/metrics"): self._metrics,
+            ("GET", "/metrics/"): self._metrics,
             ("GET", "/version"): self._version,
         }
 
@@ -877,9 +878,12 @@ class SimServer:
         return _json({"version": VLLM_VERSION})
 
     async def _metrics(self, request: Request) -> Response:
+        """As vLLM: ``/metrics`` (prometheus-fastapi-instrumentator's route) is always
+        the whole page; ``/metrics/`` (prometheus_client's ASGI app) honours
+        ``?name[]=`` filters."""
         self._sync()
         text = self.metrics.render()
-        if "name" in request.query:
+        if request.path == "/metrics/" and "name" in request.query:
             names = parse_qs(request.query).get("name[]")
             if names:
                 text = _METRICS_FILTER.apply(text, names)

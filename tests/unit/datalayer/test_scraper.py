@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -50,6 +51,7 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
     async def start(handler: Handler) -> int:
         app = web.Application()
         app.router.add_get("/metrics", handler)
+        app.router.add_get("/metrics/", handler)  # prometheus_client's app (see target())
         runner = web.AppRunner(app, shutdown_timeout=0.1)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -92,6 +94,109 @@ async def test_scrapes_capture_into_datastore(serve: Callable[[Handler], Awaitab
     assert m.updated_at == 1000.0
     assert not ds.snapshot().endpoints[0].stale
     assert scraper.inflight() == 0 and scraper.errors == 0
+
+
+async def test_name_filter_asks_for_the_mapped_samples_only(
+    serve: Callable[[Handler], Awaitable[int]],
+) -> None:
+    """The GET names exactly the samples the vLLM mapping reads, as
+    prometheus_client's ``name[]`` filter expects them."""
+    seen: list[list[str]] = []
+
+    async def filtered(req: web.Request) -> web.Response:
+        names = req.query.getall("name[]", [])
+        seen.append(names)
+        lines = [
+            ln
+            for ln in CAPTURE.splitlines(keepends=True)
+            if not ln.startswith("#") and ln.split("{")[0].split(" ")[0] in names
+        ]
+        return web.Response(text="".join(lines), content_type="text/plain")
+
+    port = await serve(filtered)
+    ds = Datastore()
+    ds.replace_endpoints([Endpoint("d", "127.0.0.1", port)])
+    scraper = MetricsScraper(ds, interval_s=0.02, timeout_s=1.0)
+    task = asyncio.create_task(scraper.run())
+    try:
+        await _wait(lambda: ds.metrics(f"127.0.0.1:{port}") is not None)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert seen[0] == sorted(
+        [
+            "vllm:num_requests_waiting",
+            "vllm:num_requests_running",
+            "vllm:kv_cache_usage_perc",
+            "vllm:lora_requests_info",
+            "vllm:cache_config_info",
+        ]
+    )
+    m = ds.metrics(f"127.0.0.1:{port}")
+    assert m is not None and (m.waiting, m.block_size, m.num_blocks) == (6, 128, 8192)
+
+
+async def test_engine_that_breaks_the_filter_is_scraped_whole(
+    serve: Callable[[Handler], Awaitable[int]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """prometheus_client in multiprocess mode answers a filtered query with an empty
+    page: the scraper retries at once without the filter and keeps it off."""
+    caplog.set_level(logging.INFO, logger="epp.datalayer.scraper")
+    queries: list[str] = []
+
+    async def multiprocess(req: web.Request) -> web.Response:
+        queries.append(req.path_qs)
+        return web.Response(text="" if req.query_string else CAPTURE, content_type="text/plain")
+
+    port = await serve(multiprocess)
+    ds = Datastore()
+    ds.replace_endpoints([Endpoint("d", "127.0.0.1", port)])
+    scraper = MetricsScraper(ds, interval_s=0.02, timeout_s=1.0)
+    task = asyncio.create_task(scraper.run())
+    try:
+        await _wait(lambda: scraper.scrapes >= 3)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert queries[0].startswith("/metrics/?name")
+    assert queries[1:] == ["/metrics"] * (len(queries) - 1)
+    assert scraper.errors == 0
+    m = ds.metrics(f"127.0.0.1:{port}")
+    assert m is not None and m.waiting == 6
+    assert "scraping the whole page" in caplog.text
+
+
+async def test_engine_without_the_filtered_route_falls_back_but_a_down_one_does_not(
+    serve: Callable[[Handler], Awaitable[int]],
+) -> None:
+    """No ``/metrics/`` route (404): the whole page from then on. An endpoint that
+    fails both ways keeps trying the filtered GET (nothing learnt from a failure)."""
+    paths: list[str] = []
+    broken = {"on": False}
+
+    async def plain_only(req: web.Request) -> web.Response:
+        paths.append(req.path)
+        if broken["on"] or req.path == "/metrics/":
+            raise web.HTTPNotFound()
+        return web.Response(text=CAPTURE, content_type="text/plain")
+
+    port = await serve(plain_only)
+    ds = Datastore()
+    ep = Endpoint("d", "127.0.0.1", port)
+    ds.replace_endpoints([ep])
+    scraper = MetricsScraper(ds, interval_s=0.02, timeout_s=1.0)
+    broken["on"] = True
+    task = asyncio.create_task(scraper.run())
+    try:
+        await _wait(lambda: scraper.errors >= 2)
+        assert scraper.target(ep).startswith("/metrics/?")  # still filtered
+        broken["on"] = False
+        await _wait(lambda: scraper.scrapes >= 2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert scraper.target(ep) == "/metrics"
+    assert paths[-1] == "/metrics"
 
 
 async def test_failures_counted_and_metrics_left_to_go_stale(
@@ -326,7 +431,11 @@ async def test_unknown_engine_falls_back_and_bad_default_rejected() -> None:
     assert s.mapping_for(Endpoint("a", "h", 1, engine="mystery")) is s.mapping_for(
         Endpoint("b", "h", 1)
     )
-    assert s.url_for(Endpoint("a", "fd00::1", 8000)) == "http://[fd00::1]:8000/metrics"
+    unfiltered = MetricsScraper(ds, name_filter=False)
+    assert unfiltered.url_for(Endpoint("a", "fd00::1", 8000)) == "http://[fd00::1]:8000/metrics"
+    assert s.url_for(Endpoint("a", "fd00::1", 8000)).startswith(
+        "http://[fd00::1]:8000/metrics/?name%5B%5D=vllm%3Acache_config_info&"
+    )
 
 
 # -- configuration (scrape_options) ---------------------------------------------
@@ -353,8 +462,15 @@ def test_scrape_options_defaults_and_https() -> None:
     assert isinstance(opts, ScrapeOptions)
     assert (opts.scheme, opts.path, opts.insecure_skip_verify) == ("https", "/m", False)
     scraper = MetricsScraper(Datastore(), **opts.scraper_kwargs())
-    assert scraper.url_for(Endpoint("e", "10.0.0.1", 8000)) == "https://10.0.0.1:8000/m"
+    assert scraper.url_for(Endpoint("e", "10.0.0.1", 8000)).startswith("https://10.0.0.1:8000/m/?name")
     assert scraper._verify_tls is True
+    opts = _options(
+        "plugins:\n- type: metrics-data-source\n"
+        '  parameters: {path: "/m?x=1", filterByName: false}\n'
+    )
+    assert isinstance(opts, ScrapeOptions) and opts.name_filter is False
+    scraper = MetricsScraper(Datastore(), **opts.scraper_kwargs())
+    assert scraper.url_for(Endpoint("e", "10.0.0.1", 8000)) == "http://10.0.0.1:8000/m?x=1"
     assert MetricsScraper(Datastore(), scheme="https")._verify_tls is False  # llm-d default
 
 
