@@ -122,6 +122,12 @@ def buffered(bs: Bootstrap, _port: int) -> None:
     _ext_proc(bs)["processing_mode"]["request_body_mode"] = "BUFFERED"
 
 
+def headers_only(bs: Bootstrap, _port: int) -> None:
+    # Not a usable config (the EPP needs the body to schedule): the fixed cost of one
+    # ext_proc stream with one message each way, for the decomposition.
+    _ext_proc(bs)["processing_mode"]["request_body_mode"] = "NONE"
+
+
 def no_response_attributes(bs: Bootstrap, _port: int) -> None:
     _ext_proc(bs).pop("response_attributes", None)
 
@@ -203,6 +209,12 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("nghttp2", "runtime http2_use_oghttp2 false", (nghttp2,)),
     Variant("google-grpc", "ext_proc over google_grpc instead of envoy_grpc", (google_grpc,)),
     Variant("concurrency-2", "Envoy --concurrency 2", envoy_concurrency=2),
+    Variant(
+        "headers-only",
+        "reference only: request_body_mode NONE + resp-skip (one message each way)",
+        (headers_only,),
+        response_headers=False,
+    ),
     Variant("stub-1p", "the Go stub with GOMAXPROCS=1", stub_env=(("GOMAXPROCS", "1"),)),
     Variant("lean", "retain-route + no-stats", (lean,)),
     Variant(
@@ -491,6 +503,11 @@ def run_variant(v: Variant, ctx: Ctx, rnd: int) -> dict[str, Any]:
                     "wrk_cpu_ms_per_req": round((b.children - a.children) / reqs * 1000, 4),
                     "envoy_cores": round(envoy_s / wall, 3),
                     "envoy_worker_busiest_cores": busiest_worker(a, b, wall),
+                    # What Envoy's busiest worker could serve at 100% of a core, at this
+                    # run's cost per request: Envoy's own ceiling whatever the EPP costs.
+                    "envoy_worker_ceiling_rps": round(
+                        res["rps"] / max(busiest_worker(a, b, wall), 0.05)
+                    ),
                     "envoy_threads_cores": thread_groups(a, b, wall),
                     "stub_cores": round((b.stub - a.stub) / wall, 3),
                     "machine_busy_cores": round(busy, 3),
@@ -696,6 +713,7 @@ _MEDIAN_KEYS = (
     "wrk_cpu_ms_per_req",
     "envoy_cores",
     "envoy_worker_busiest_cores",
+    "envoy_worker_ceiling_rps",
     "stub_cores",
     "machine_busy_cores",
     "other_cores",
@@ -723,6 +741,17 @@ def summarize(
                 n: _median([r[conc]["envoy_threads_cores"].get(n, 0.0) for r in runs])
                 for n in sorted(names)
             }
+        # The round the machine's other load disturbed least (a shared machine).
+        c = f"c{concurrency}"
+        quiet = min(runs, key=lambda r: r[c]["other_cores"])
+        s["quietest_round"] = {
+            "round": quiet["round"],
+            "other_cores": quiet[c]["other_cores"],
+            **{
+                k: quiet[c][k]
+                for k in ("rps", "p50_ms", "envoy_cpu_ms_per_req", "envoy_worker_busiest_cores")
+            },
+        }
         if alone and name != "alone":
             # Added latency against the baseline of the same round.
             s["added_p50_ms_c1"] = _median(
@@ -753,7 +782,7 @@ def table(summary: dict[str, dict[str, Any]], concurrency: int) -> str:
     rows = [
         (
             "variant", "c1 req/s", "c1 p50", "+p50", f"c{concurrency} req/s", "p50", "p99",
-            "Envoy ms/req", "vs default", "usr", "sys", "syscalls", "stub", "backends", "wrk", "worker", "machine", "other",
+            "Envoy ms/req", "vs default", "usr", "sys", "syscalls", "ceiling", "stub", "backends", "wrk", "worker", "machine", "other",
         )
     ]  # fmt: skip
     for name, s in summary.items():
@@ -773,6 +802,7 @@ def table(summary: dict[str, dict[str, Any]], concurrency: int) -> str:
                 f"{rc['envoy_user_ms_per_req']:.3f}",
                 f"{rc['envoy_sys_ms_per_req']:.3f}",
                 f"{rc['envoy_syscalls_per_req']:.1f}",
+                f"{rc['envoy_worker_ceiling_rps']:.0f}",
                 f"{rc['stub_cpu_ms_per_req']:.3f}",
                 f"{rc['backends_cpu_ms_per_req']:.3f}",
                 f"{rc['wrk_cpu_ms_per_req']:.3f}",

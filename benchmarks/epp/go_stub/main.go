@@ -20,7 +20,8 @@
 //   - request body: a body response carrying the header mutation,
 //     clear_route_cache and the metadata (the body is left as it is).
 //
-// Both: request headers with end_of_stream (no body) are routed at once; response
+// Both: request headers with end_of_stream (no body), or with request_body_mode
+// NONE, are routed at once (no content-length change); response
 // headers get an empty headers response; trailers get empty trailers responses;
 // a response body gets an empty body response (BUFFERED) or is streamed back
 // (FULL_DUPLEX_STREAMED).
@@ -143,6 +144,7 @@ const (
 func (s *server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error {
 	phase := phaseHeaders
 	buffered := s.forceMode == "buffered"
+	noBody := false // request_body_mode NONE: route on the headers
 	respMode := filterv3.ProcessingMode_NONE
 	var chunks []byte
 	send := func(r *extprocv3.ProcessingResponse) error { return stream.Send(r) }
@@ -187,6 +189,7 @@ func (s *server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error
 			}
 			if pc := req.GetProtocolConfig(); pc != nil {
 				respMode = pc.GetResponseBodyMode()
+				noBody = pc.GetRequestBodyMode() == filterv3.ProcessingMode_NONE
 				if s.forceMode == "auto" {
 					switch pc.GetRequestBodyMode() {
 					case filterv3.ProcessingMode_BUFFERED, filterv3.ProcessingMode_BUFFERED_PARTIAL:
@@ -194,7 +197,7 @@ func (s *server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error
 					}
 				}
 			}
-			if m.RequestHeaders.GetEndOfStream() {
+			if m.RequestHeaders.GetEndOfStream() || noBody {
 				ep := s.pick()
 				phase = phaseResponse
 				if err := send(&extprocv3.ProcessingResponse{
