@@ -20,6 +20,7 @@ from epp.config import ConfigError, EndpointPickerConfig
 from epp.datastore import Datastore, EndpointView
 from epp.errors import NoReadyEndpoint
 from epp.metrics import PLUGIN_DURATION, SCHEDULER_ATTEMPTS, SCHEDULER_DURATION
+from epp.metrics.fast import HistogramChild, observe_intervals
 from epp.scheduling.registry import NOT_BUILT, BuildContext
 from epp.scheduling.types import (
     CycleState,
@@ -79,6 +80,14 @@ class SchedulerProfile(SchedulerProfileLike):
         self._weights = [w for _, w, _ in self._scorers]
         self._score_obs = [obs for _, _, obs in self._scorers]
         self._unit = [getattr(s, "unit_scores", False) is True for s, _, _ in self._scorers]
+        # The histogram children behind the observers, when every one is a plain
+        # ``HistogramChild.observe`` (always, unless a test swaps one in).
+        children = [getattr(obs, "__self__", None) for obs in self._score_obs]
+        self._score_children: list[HistogramChild] | None = (
+            children  # type: ignore[assignment]
+            if all(type(c) is HistogramChild for c in children)
+            else None
+        )
 
     def run(
         self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]
@@ -107,8 +116,11 @@ class SchedulerProfile(SchedulerProfileLike):
         for score in self._score_fns:
             append(score(cycle, request, candidates))
             mark(perf())
-        for i, obs in enumerate(self._score_obs):
-            obs(marks[i + 1] - marks[i])
+        if self._score_children is not None:
+            observe_intervals(self._score_children, marks)
+        else:
+            for i, obs in enumerate(self._score_obs):
+                obs(marks[i + 1] - marks[i])
         totals = weighted_totals(lists, self._weights, len(candidates), self._unit)
         t = perf()
         result = self.picker.pick(cycle, request, candidates, totals)

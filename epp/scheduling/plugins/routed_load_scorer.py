@@ -23,8 +23,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from itertools import repeat
-from operator import attrgetter
 from typing import Self
 
 from epp.config import Params
@@ -33,7 +31,6 @@ from epp.scheduling.plugins.inflight_load_producer import parse_duration
 from epp.scheduling.registry import BuildContext, register
 from epp.scheduling.types import CycleState, LLMRequest, PreRequest, SchedulingResult, Scorer
 
-_KEY = attrgetter("key")
 #: ``(count, as_of)`` of an endpoint never routed to.
 _NEVER = (0.0, math.inf)
 
@@ -79,14 +76,17 @@ class RoutedLoadScorer(Scorer, PreRequest):
         if not endpoints:
             return []
         now = self.clock()
+        get = self._counts.get
         exp = math.exp
         neg_rate = -self._rate
         # self.load(key, now) per endpoint, inlined (same floats); an endpoint never
         # routed to gets _NEVER: its age is -inf, so its load is the count, 0.0.
-        loads = [
-            count * exp(neg_rate * age) if (age := now - as_of) > 0.0 else count
-            for count, as_of in map(self._counts.get, map(_KEY, endpoints), repeat(_NEVER))
-        ]
+        loads: list[float] = []
+        append = loads.append
+        for e in endpoints:
+            count, as_of = get(e.key, _NEVER)
+            age = now - as_of
+            append(count * exp(neg_rate * age) if age > 0.0 else count)
         lo, hi = min(loads), max(loads)
         if hi - lo <= 1e-9:
             return [1.0] * len(loads)

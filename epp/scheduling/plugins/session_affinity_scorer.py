@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Self
 
 from epp.config import Params
@@ -21,6 +22,7 @@ from pdroute.protocol.headers import SESSION_TOKEN
 _MAX_TOKEN = 512
 
 
+@lru_cache(maxsize=1024)  # one entry per endpoint served (bounded: pool members, mostly)
 def encode_token(endpoint: str) -> str:
     return base64.b64encode(endpoint.encode()).decode("ascii")
 
