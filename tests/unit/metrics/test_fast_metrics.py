@@ -76,3 +76,19 @@ def test_label_mistakes_are_errors() -> None:
         h.observe(1.0)  # labelled: needs labels()
     with pytest.raises(ValueError):
         FastHistogram("bad", "doc", buckets=(1.0, 0.5))
+
+
+def test_observe_intervals_equals_one_observe_per_child() -> None:
+    from epp.metrics.fast import observe_intervals
+
+    a = FastHistogram("t_a", "a", ["p"], buckets=(0.001, 0.01, 0.1))
+    b = FastHistogram("t_b", "b", ["p"], buckets=(0.001, 0.01, 0.1))
+    marks = [10.0, 10.0005, 10.0505, 10.0505, 12.0]  # intervals 0.0005, 0.05, 0, 1.9495
+    kids_a = [a.labels(str(i)) for i in range(4)]
+    kids_b = [b.labels(str(i)) for i in range(4)]
+    observe_intervals(kids_a, marks)
+    for i, child in enumerate(kids_b):
+        child.observe(marks[i + 1] - marks[i])
+    for ca, cb in zip(kids_a, kids_b, strict=True):
+        assert ca._counts == cb._counts and ca.sum == cb.sum and ca.count == 1
+    assert [c._counts.index(1) for c in kids_a] == [0, 2, 0, 3]  # le 0.001, 0.1, 0.001, +Inf
