@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import repeat
 from operator import attrgetter
 from typing import Self
 
@@ -63,6 +64,8 @@ class NoHitLRUScorer(Scorer, PreRequest):
         self.lru_size = lru_size
         self._lru: OrderedDict[str, None] = OrderedDict()
         self._cold_key = f"{name}.cold"
+        self._table_key = (0, 0)
+        self._table_values: list[float] = []
 
     @classmethod
     def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
@@ -100,26 +103,35 @@ class NoHitLRUScorer(Scorer, PreRequest):
         if n == 1:
             return [1.0]
         lru = self._lru
-        span = n - 1
+        # table[r]: the score of rank r, max(0, 1 - r / (n - 1)), for every rank
+        # this LRU can produce (computed once per size, then looked up).
+        table = self._table(n, len(lru))
         if not lru:  # nobody used yet: rank = candidate order
-            return [1.0 - r / span for r in range(n)]
+            return table[:n]
         position = {k: i for i, k in enumerate(lru)}  # 0 = least recently used
-        pos: list[int | None] = list(map(position.get, map(_KEY, endpoints)))
-        never = pos.count(None)  # these rank first, in candidate order
-        if not never:  # the usual case: rank = LRU position
-            return [x if (x := 1.0 - p / span) > 0.0 else 0.0 for p in pos]  # type: ignore[operator]
+        pos = list(map(position.get, map(_KEY, endpoints), repeat(-1)))
+        if min(pos) >= 0:  # the usual case, all used before: rank = LRU position
+            return list(map(table.__getitem__, pos))
+        never = pos.count(-1)  # these rank first, in candidate order
         out: list[float] = []
         append = out.append
         r_never = 0
         for p in pos:
-            if p is None:
-                r = r_never
+            if p < 0:
+                append(table[r_never])
                 r_never += 1
             else:
-                r = never + p
-            x = 1.0 - r / span
-            append(x if x > 0.0 else 0.0)
+                append(table[never + p])
         return out
+
+    def _table(self, n: int, size: int) -> list[float]:
+        """Scores by rank for ``n`` candidates and an LRU of ``size`` keys."""
+        key = (n, size)
+        if self._table_key != key:
+            span = n - 1
+            self._table_values = [max(0.0, 1.0 - r / span) for r in range(n + size)]
+            self._table_key = key
+        return self._table_values
 
     def pre_request(
         self,
