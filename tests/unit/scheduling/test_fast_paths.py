@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
 from types import MappingProxyType
 
@@ -156,7 +156,7 @@ def test_routed_load_scores_equal_the_load_formula() -> None:
 # -- no-hit-lru-scorer ---------------------------------------------------------------
 
 
-def reference_lru_scores(lru: OrderedDict[str, None], endpoints: list[EndpointView]) -> list[float]:
+def reference_lru_scores(lru: dict[str, None], endpoints: list[EndpointView]) -> list[float]:
     n = len(endpoints)
     if n == 1:
         return [1.0]
