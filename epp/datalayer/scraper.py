@@ -10,10 +10,13 @@ Design:
   in flight: a slow or hung server never piles up requests and never delays the
   others. Each scrape has a hard ``timeout_s``; a semaphore bounds how many run at
   once (``max_concurrency``).
-* Collectors start at a stable per-endpoint phase within the interval (a hash of the
-  key), so N endpoints' scrapes and parses are spread over the interval instead of
-  landing on the event loop in one burst every tick: the ext_proc hot path shares
-  this loop, and a burst would show up as request latency jitter.
+* Collectors start at a stable phase within the interval: endpoints are hashed into
+  ``ceil(N / burst)`` slots (``burst``: 8), so scrapes and parses come in small
+  groups spread over the interval. Not all at once: the ext_proc hot path shares
+  this loop and one big burst would show up as request latency jitter. Not one
+  wake-up per endpoint either: each wake-up of an otherwise idle process costs more
+  than the scrape itself (measured: 490 us of CPU per scrape with 16 phases, 320 us
+  with one).
 * Every ``interval_s`` the collectors are reconciled with the datastore's endpoints,
   so endpoints that come and go are picked up; a removed endpoint's collector (and
   any scrape in flight) is cancelled at once by the removal listener, and its
@@ -78,6 +81,10 @@ log = logging.getLogger(__name__)
 
 Fetch = Callable[[Endpoint], Awaitable[bytes]]
 Sleep = Callable[[float], Awaitable[None]]
+
+
+def _crc(key: str) -> int:
+    return zlib.crc32(key.encode())
 
 
 class ScrapeError(Exception):
@@ -192,6 +199,7 @@ class MetricsScraper:
         clock: Callable[[], float] = time.monotonic,
         fetch: Fetch | None = None,
         name_filter: bool = True,
+        burst: int = 8,
     ) -> None:
         if interval_s <= 0 or timeout_s <= 0:
             raise ValueError("interval_s and timeout_s must be > 0")
@@ -223,6 +231,7 @@ class MetricsScraper:
         self._clock = clock
         self._fetch: Fetch = fetch or self._http_fetch
         self._name_filter = name_filter and fetch is None
+        self._burst = max(1, burst)
         #: Endpoints scraped without the name filter (their engine broke it).
         self._unfiltered: set[str] = set()
         #: key -> collector task (one per endpoint in the datastore).
@@ -278,18 +287,26 @@ class MetricsScraper:
         if self._client is not None:  # idle connections only to current targets
             self._client.retain({ep.metrics_host_port for ep in endpoints})
         started = 0
-        for key in current:
+        new = [key for key in current if key not in self._collectors]
+        phases = self.phases(current) if new else {}
+        for key in new:
             if key not in self._collectors:
-                task = asyncio.create_task(self._collect(key), name=f"scrape {key}")
+                task = asyncio.create_task(self._collect(key, phases[key]), name=f"scrape {key}")
                 self._collectors[key] = task
                 task.add_done_callback(functools.partial(self._done, key))
                 started += 1
         return started
 
-    def phase(self, key: str) -> float:
-        """Stable offset of ``key``'s scrapes within the interval (at most 1 s, so a
-        long interval does not delay a new endpoint's first metrics much)."""
-        return (zlib.crc32(key.encode()) / 2**32) * min(self._interval_s, 1.0)
+    def phases(self, keys: set[str]) -> dict[str, float]:
+        """Offsets of the endpoints' scrapes within the interval (at most 1 s, so a
+        long interval does not delay a new endpoint's first metrics much): one of
+        ``ceil(len(keys) / burst)`` slots each, dealt round robin in hash order, so
+        at most ``burst`` endpoints share a phase and a key keeps its slot while the
+        pool is unchanged."""
+        ranked = sorted(keys, key=_crc)
+        slots = max(1, -(-len(ranked) // self._burst))
+        span = min(self._interval_s, 1.0)
+        return {k: (i % slots) / slots * span for i, k in enumerate(ranked)}
 
     def collectors(self) -> int:
         return len(self._collectors)
@@ -298,8 +315,8 @@ class MetricsScraper:
         """Scrapes in progress now."""
         return len(self._active)
 
-    async def _collect(self, key: str) -> None:
-        await self._sleep(self.phase(key))
+    async def _collect(self, key: str, phase: float) -> None:
+        await self._sleep(phase)
         while True:
             ep = self._ds.get(key)  # re-read: address or labels may have changed
             if ep is None:

@@ -400,12 +400,15 @@ async def test_no_pile_up_spread_and_endpoints_come_and_go() -> None:
         assert len(calls["slow"]) == 1
         assert all(len(calls[f"f{i}"]) in (10, 11) for i in range(20))
         assert scraper.inflight() == 1 and scraper.collectors() == 21
-        # Each endpoint keeps its period; first scrapes are spread over the interval.
+        # Each endpoint keeps its period; first scrapes come in ceil(21 / 8) = 3
+        # groups spread over the interval (not one burst, not 21 wake-ups).
         f0 = calls["f0"]
         assert all(abs((b - a) - 0.1) < 1e-9 for a, b in itertools.pairwise(f0))
         firsts = sorted(calls[f"f{i}"][0] for i in range(20))
         assert firsts[0] < 0.1 and firsts[-1] < 0.1
-        assert len({round(t, 6) for t in firsts}) >= 15  # not one burst
+        phases = {round(t, 6) for t in firsts}
+        assert len(phases) == 3, phases
+        assert all(sum(round(t, 6) == p for t in firsts) <= 12 for p in phases)
         m = ds.metrics("10.0.1.1:1")
         assert m is not None and m.waiting == 6 and 0.9 <= m.updated_at <= 1.0
 
@@ -462,7 +465,9 @@ def test_scrape_options_defaults_and_https() -> None:
     assert isinstance(opts, ScrapeOptions)
     assert (opts.scheme, opts.path, opts.insecure_skip_verify) == ("https", "/m", False)
     scraper = MetricsScraper(Datastore(), **opts.scraper_kwargs())
-    assert scraper.url_for(Endpoint("e", "10.0.0.1", 8000)).startswith("https://10.0.0.1:8000/m/?name")
+    assert scraper.url_for(Endpoint("e", "10.0.0.1", 8000)).startswith(
+        "https://10.0.0.1:8000/m/?name"
+    )
     assert scraper._verify_tls is True
     opts = _options(
         "plugins:\n- type: metrics-data-source\n"
