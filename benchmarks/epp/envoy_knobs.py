@@ -146,6 +146,16 @@ def no_stats(bs: Bootstrap, _port: int) -> None:
     bs["stats_config"] = {"use_all_default_tags": False, "stats_matcher": {"reject_all": True}}
 
 
+def stats_inclusion(bs: Bootstrap, _port: int) -> None:
+    # Keep what an operator watches (the EPP cluster's health and the ext_proc
+    # filter's errors and timeouts); per-request counters of everything else go.
+    prefixes = ("cluster.epp.", "http.inference.ext_proc.", "server.")
+    bs["stats_config"] = {
+        "use_all_default_tags": False,
+        "stats_matcher": {"inclusion_list": {"patterns": [{"prefix": p} for p in prefixes]}},
+    }
+
+
 def no_health_check(bs: Bootstrap, _port: int) -> None:
     epp = _cluster(bs, "epp")
     for key in ("health_checks", "outlier_detection", "common_lb_config"):
@@ -203,6 +213,11 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("retain-route", "route_cache_action RETAIN (ignore clear_route_cache)", (retain_route,)),
     Variant("no-request-id", "HCM generate_request_id false", (no_request_id,)),
     Variant("no-stats", "stats_matcher reject_all, no default tags", (no_stats,)),
+    Variant(
+        "stats-incl",
+        "stats only for cluster.epp., http.inference.ext_proc., server.",
+        (stats_inclusion,),
+    ),
     Variant("no-hc", "no health check / outlier detection on the epp cluster", (no_health_check,)),
     Variant("h2-small-win", "epp cluster h2 windows 64 KiB stream / 1 MiB connection", (small_h2_windows,)),
     Variant("oghttp2", "runtime http2_use_oghttp2 true", (oghttp2,)),
