@@ -136,6 +136,41 @@ def _clamp(scores: Sequence[float]) -> list[float]:
     return [(v if v < 1.0 else 1.0) if v > 0.0 else 0.0 for v in scores]
 
 
+def _add_terms(
+    totals: list[float] | None, terms: Sequence[tuple[Sequence[float], float]]
+) -> list[float]:
+    """``totals[i] + w1*a[i] + w2*b[i] ...`` (left to right) for 1-4 terms; totals
+    None stands for zeros (``0.0 + ...``: the same floats, one list fewer to zip).
+    Every list has the same length (``weighted_totals`` sees to it): ``strict``
+    checks would only cost time here."""
+    k = len(terms)
+    if k == 4:
+        (a, wa), (b, wb), (c, wc), (d, wd) = terms
+        if totals is None:
+            return [
+                0.0 + wa * x + wb * y + wc * z + wd * u
+                for x, y, z, u in zip(a, b, c, d, strict=False)
+            ]
+        return [
+            t + wa * x + wb * y + wc * z + wd * u
+            for t, x, y, z, u in zip(totals, a, b, c, d, strict=False)
+        ]
+    if k == 3:
+        (a, wa), (b, wb), (c, wc) = terms
+        if totals is None:
+            return [0.0 + wa * x + wb * y + wc * z for x, y, z in zip(a, b, c, strict=False)]
+        return [t + wa * x + wb * y + wc * z for t, x, y, z in zip(totals, a, b, c, strict=False)]
+    if k == 2:
+        (a, wa), (b, wb) = terms
+        if totals is None:
+            return [0.0 + wa * x + wb * y for x, y in zip(a, b, strict=False)]
+        return [t + wa * x + wb * y for t, x, y in zip(totals, a, b, strict=False)]
+    ((a, wa),) = terms
+    if totals is None:
+        return [0.0 + wa * x for x in a]
+    return [t + wa * x for t, x in zip(totals, a, strict=False)]
+
+
 def weighted_totals(
     lists: Sequence[Sequence[float]],
     weights: Sequence[float],
@@ -149,7 +184,7 @@ def weighted_totals(
     are not clamped. Each total is accumulated left to right over the scorers
     (``0.0 + w1*s1 + w2*s2 ...``, ``t + w*0.0 == t``) and an all-zero list is
     skipped, so the floats are exactly those of a plain per-candidate loop. Up to
-    three lists are added per pass over the candidates. A list shorter than ``n``
+    four lists are added per pass over the candidates. A list shorter than ``n``
     raises IndexError; extra entries are ignored.
     """
     terms: list[tuple[Sequence[float], float]] = []
@@ -159,24 +194,12 @@ def weighted_totals(
         if not any(scores):  # all 0.0 (no prefix match, no session): adds 0
             continue
         terms.append((scores if unit is not None and unit[j] else _clamp(scores), w))
-    totals: list[float] = [0.0] * n
-    i = 0
-    while i < len(terms):
-        left = len(terms) - i
-        if left >= 3:
-            (a, wa), (b, wb), (c, wc) = terms[i : i + 3]
-            totals = [
-                t + wa * x + wb * y + wc * z for t, x, y, z in zip(totals, a, b, c, strict=True)
-            ]
-            i += 3
-        elif left == 2:
-            (a, wa), (b, wb) = terms[i : i + 2]
-            totals = [t + wa * x + wb * y for t, x, y in zip(totals, a, b, strict=True)]
-            i += 2
-        else:
-            a, wa = terms[i]
-            totals = [t + wa * x for t, x in zip(totals, a, strict=True)]
-            i += 1
+    if not terms:
+        return [0.0] * n
+    totals: list[float] | None = None
+    for i in range(0, len(terms), 4):
+        totals = _add_terms(totals, terms[i : i + 4])
+    assert totals is not None
     return totals
 
 
