@@ -264,6 +264,8 @@ class StreamHandler:
         if max_request_body_bytes <= 0:
             raise ValueError("max_request_body_bytes must be positive")
         self._director = director
+        # Fixed for the director's life (its plugins are): read once, not per request.
+        self._needs_body = bool(director.needs_response_body)
         self._cap = max_request_body_bytes
         self._honor_subset = honor_subset_hint
         self._clock = clock
@@ -479,7 +481,7 @@ class StreamHandler:
                 extra = {}
             if extra:
                 common["header_mutation"] = {"set_headers": [_hvo(k, v) for k, v in extra.items()]}
-            if self._director.needs_response_body and not rh.end_of_stream:
+            if self._needs_body and not rh.end_of_stream:
                 sse = headers.get("content-type", "").startswith("text/event-stream")
                 s.scanner = UsageScanner(sse=sse)
         last = bool(rh.end_of_stream) or s.resp_body_mode == _NONE
