@@ -9,9 +9,9 @@ runner's totals never hold NaN).
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
-from itertools import pairwise
 
 from epp.datastore import EndpointView
 from epp.scheduling.plugins._util import CountPicker
@@ -36,17 +36,22 @@ class MaxScorePicker(CountPicker):
         rng = self.rng
         if self.max_endpoints == 1:
             best = max(scores)
-            ties = [i for i in range(n) if scores[i] == best]
-            i = ties[0] if len(ties) == 1 else rng.choice(ties)
+            if not math.isnan(best) and scores.count(best) == 1:  # one best
+                i = scores.index(best)
+            else:
+                ties = [i for i in range(n) if scores[i] == best]
+                i = ties[0] if len(ties) == 1 else rng.choice(ties)
             return ProfileRunResult([endpoints[i]], [scores[i]])
         k = self.max_endpoints
         at = scores.__getitem__
         order = sorted(range(n), key=at, reverse=True)  # stable: ties in candidate order
-        top = order[:k]
-        # Ties only matter among the chosen and between the last chosen and the next.
-        vals = [at(i) for i in order[: k + 1]]
-        if any(a == b for a, b in pairwise(vals)):
-            top = _random_ties(order, at, k, rng)
+        # Ties only matter among the chosen and between the last chosen and the next;
+        # the values are sorted, so "no tie" is "all distinct".
+        vals = list(map(at, order[: k + 1]))
+        if len(set(vals)) == len(vals):
+            top = order[:k]
+            return ProfileRunResult(list(map(endpoints.__getitem__, top)), vals[:k])
+        top = _random_ties(order, at, k, rng)
         return ProfileRunResult([endpoints[i] for i in top], [at(i) for i in top])
 
 
