@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from typing import Self
+from operator import itemgetter
+from typing import Any, Self
 
 from epp.config import Params
 from epp.datastore import Datastore, EndpointView
@@ -42,6 +43,32 @@ class CountPicker(Picker):
         n = params.get_int("maxNumOfEndpoints", 1, min_value=1, max_value=MAX_ENDPOINTS)
         params.finish()
         return cls(name, ctx.rng, n)
+
+
+class CandidateKeys:
+    """The candidates' keys as one ``operator.itemgetter``: ``of(endpoints)(d)`` is
+    ``tuple(d[e.key] for e in endpoints)`` in one C call (KeyError when one is
+    missing). Rebuilt only when the candidate list changes: lists are compared by
+    value, and equal views have equal keys. Needs at least two candidates (an
+    itemgetter of one key returns the value, not a tuple).
+
+    Invariant: ``_getter`` looks up exactly the keys of ``_endpoints``, a private
+    copy of the last list seen.
+    """
+
+    __slots__ = ("_endpoints", "_getter")
+
+    def __init__(self) -> None:
+        self._endpoints: list[EndpointView] | None = None
+        self._getter: Callable[[Any], tuple[Any, ...]] = itemgetter("", "")
+
+    def of(self, endpoints: list[EndpointView]) -> Callable[[Any], tuple[Any, ...]]:
+        if self._endpoints != endpoints:
+            if len(endpoints) < 2:
+                raise ValueError("CandidateKeys needs at least two candidates")
+            self._getter = itemgetter(*[e.key for e in endpoints])
+            self._endpoints = list(endpoints)
+        return self._getter
 
 
 def min_max_scores(

@@ -27,6 +27,7 @@ from typing import Self
 
 from epp.config import Params
 from epp.datastore import EndpointView
+from epp.scheduling.plugins._util import CandidateKeys
 from epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer
 from epp.scheduling.registry import BuildContext, register
 from epp.scheduling.types import (
@@ -65,6 +66,7 @@ class NoHitLRUScorer(Scorer, PreRequest):
         self._lru: dict[str, None] = {}
         self._cold_key = f"{name}.cold"
         self._table_key = (0, 0)
+        self._keys = CandidateKeys()
         self._table_values: list[float] = []
 
     @classmethod
@@ -111,9 +113,11 @@ class NoHitLRUScorer(Scorer, PreRequest):
         if not lru:  # nobody used yet: rank = candidate order
             return table[:n]
         position = {k: i for i, k in enumerate(lru)}  # 0 = least recently used
+        try:  # the usual case, all used before: rank = LRU position
+            return list(map(table.__getitem__, self._keys.of(endpoints)(position)))
+        except KeyError:
+            pass
         pos = list(map(position.get, map(_KEY, endpoints), repeat(-1)))
-        if min(pos) >= 0:  # the usual case, all used before: rank = LRU position
-            return list(map(table.__getitem__, pos))
         never = pos.count(-1)  # these rank first, in candidate order
         out: list[float] = []
         append = out.append

@@ -27,6 +27,7 @@ from typing import Self
 
 from epp.config import Params
 from epp.datastore import EndpointView
+from epp.scheduling.plugins._util import CandidateKeys
 from epp.scheduling.plugins.inflight_load_producer import parse_duration
 from epp.scheduling.registry import BuildContext, register
 from epp.scheduling.types import CycleState, LLMRequest, PreRequest, SchedulingResult, Scorer
@@ -52,6 +53,7 @@ class RoutedLoadScorer(Scorer, PreRequest):
         self.clock = clock
         self._rate = math.log(2) / half_life_s
         self._counts: dict[str, tuple[float, float]] = {}
+        self._keys = CandidateKeys()
 
     @classmethod
     def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
@@ -81,10 +83,16 @@ class RoutedLoadScorer(Scorer, PreRequest):
         neg_rate = -self._rate
         # self.load(key, now) per endpoint, inlined (same floats); an endpoint never
         # routed to gets _NEVER: its age is -inf, so its load is the count, 0.0.
+        entries: Sequence[tuple[float, float]]
+        try:  # every candidate routed to before (the usual case): one C call
+            entries = self._keys.of(endpoints)(self._counts) if len(endpoints) > 1 else ()
+        except KeyError:
+            entries = ()
+        if len(entries) != len(endpoints):
+            entries = [get(e.key, _NEVER) for e in endpoints]
         loads: list[float] = []
         append = loads.append
-        for e in endpoints:
-            count, as_of = get(e.key, _NEVER)
+        for count, as_of in entries:
             age = now - as_of
             append(count * exp(neg_rate * age) if age > 0.0 else count)
         lo, hi = min(loads), max(loads)

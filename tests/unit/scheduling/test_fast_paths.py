@@ -227,3 +227,20 @@ def test_load_aware_and_kv_scores_follow_the_views_they_are_given() -> None:
         view(2, kv_cache_usage=math.nan),
     ]
     assert list(kv.score(CycleState(), REQ, odd)) == [0.0, 1.0, 0.0]
+
+
+def test_candidate_keys_follow_the_list_they_are_given() -> None:
+    from epp.scheduling.plugins._util import CandidateKeys
+
+    ck = CandidateKeys()
+    views = [view(i) for i in range(4)]
+    d = {v.key: i for i, v in enumerate(views)}
+    cands = list(views)
+    assert ck.of(cands)(d) == (0, 1, 2, 3)
+    cands.reverse()  # the caller's list changes after the call: not the cached copy
+    assert ck.of(cands)(d) == (3, 2, 1, 0)
+    assert ck.of([views[2], views[0]])(d) == (2, 0)
+    with pytest.raises(KeyError):
+        ck.of(views)({})
+    with pytest.raises(ValueError, match="two candidates"):
+        ck.of([views[0]])
