@@ -90,11 +90,10 @@ class RoutedLoadScorer(Scorer, PreRequest):
             entries = ()
         if len(entries) != len(endpoints):
             entries = [get(e.key, _NEVER) for e in endpoints]
-        loads: list[float] = []
-        append = loads.append
-        for count, as_of in entries:
-            age = now - as_of
-            append(count * exp(neg_rate * age) if age > 0.0 else count)
+        loads = [
+            count * exp(neg_rate * age) if (age := now - as_of) > 0.0 else count
+            for count, as_of in entries
+        ]
         lo, hi = min(loads), max(loads)
         if hi - lo <= 1e-9:
             return [1.0] * len(loads)
