@@ -5,28 +5,37 @@ Issue #2 wants Envoy + EPP at >= 2,500 req/s and <= 1 ms added p50 at concurrenc
 ext_proc server costs next to nothing: ``go_stub/`` (a Go grpc-go ext_proc server
 speaking exactly the EPP's protocol, round robin, no parsing) stands in for the
 EPP. Whatever Envoy + the Go stub reach here is the ceiling for any EPP on this
-machine.
+machine. Results and their reading: ``go_stub/README.md``.
 
 Setup (127.0.0.1, free ports, private temp dir), shared with
 ``envoy_overhead.py`` by import: 16 model-server stand-ins in one process
 (``fast_backend.py``), wrk -t1 POSTing the same small completions request, Envoy
 ``--concurrency 1`` with the bootstrap ``pdroute.stack.envoy.render_bootstrap``
-renders. Each *variant* post-processes that bootstrap (the dict, written to the
-variant's own file; ``pdroute/stack/envoy.py`` is not touched) or changes Envoy's
-command line (``request_trailer_mode: SKIP`` is not a variant: Envoy refuses it
-with ``FULL_DUPLEX_STREAMED``). ``alone`` is Envoy without ext_proc (the baseline for added
-latency), ``default`` the production bootstrap + the Go stub.
+renders. Each *variant* (``--list``) post-processes that bootstrap (the dict,
+written to the variant's own file; ``pdroute/stack/envoy.py`` is not touched) or
+changes Envoy's command line or the stub's environment. ``alone`` is Envoy
+without ext_proc (the baseline for added latency), ``default`` the production
+bootstrap + the Go stub. (``request_trailer_mode: SKIP`` is not a variant: Envoy
+refuses it with ``FULL_DUPLEX_STREAMED``.)
 
-Per variant and concurrency (1 and ``--concurrency``): req/s, p50/p99, non-2xx,
-CPU ms per request of Envoy, the stub, the backends and wrk (``/proc/<pid>/stat``
-and the waited-for child's rusage), Envoy's per-thread CPU (``/proc/<pid>/task``:
-is its worker saturated?), and the whole machine's busy cores from ``/proc/stat``
-(others' load shows up as ``other``: the machine is shared). Variants run
-interleaved for ``--repeats`` rounds; the table shows medians, the JSON has every
-round.
+Timing mode, per variant and concurrency (1 and ``--concurrency``): req/s,
+p50/p99, non-2xx, CPU ms per request of Envoy (user/sys), the stub, the backends
+and wrk (``/proc/<pid>/stat`` and the waited-for child's rusage), Envoy's
+syscalls and context switches per request (``perf stat`` tracepoints, when perf
+is installed), Envoy's per-thread CPU (``/proc/<pid>/task``: is its worker
+saturated?) and the req/s its busiest worker could serve at 100%, and the whole
+machine's busy cores from ``/proc/stat`` (others' load shows up as ``other``: the
+machine is shared). Variants run interleaved for ``--repeats`` rounds; the table
+shows medians, the JSON has every round and each variant's quietest round.
 
-    .venv/bin/python benchmarks/epp/envoy_knobs.py [--duration 5] [--repeats 3] \
-        [--variants default,no-retry,...] [--list] [--json out.json]
+``--instructions N`` instead counts Envoy's user-space instructions per request
+under callgrind (N requests at c=1 and at ``--ir-concurrency``, net of the idle
+rate): reproducible to ~0.3% and blind to the machine's load, so it ranks knobs
+where timing on a shared machine cannot. Needs valgrind; Envoy runs under its own
+``--vgdb-prefix`` and is controlled by pid only.
+
+    .venv/bin/python benchmarks/epp/envoy_knobs.py [--duration 5] [--repeats 3]
+        [--variants resp-skip,buffered,...] [--list] [--instructions 400] [--json out.json]
 
 The Go stub is built on first use with ``go build`` into
 ``$PDROUTE_CACHE/go_stub/<source hash>/`` (``--stub-binary`` overrides).
