@@ -56,17 +56,20 @@ class CandidateKeys:
     copy of the last list seen.
     """
 
-    __slots__ = ("_endpoints", "_getter")
+    __slots__ = ("_endpoints", "_getter", "keys")
 
     def __init__(self) -> None:
         self._endpoints: list[EndpointView] | None = None
         self._getter: Callable[[Any], tuple[Any, ...]] = itemgetter("", "")
+        #: The keys of the last list given to :meth:`of` (read-only).
+        self.keys: list[str] = []
 
     def of(self, endpoints: list[EndpointView]) -> Callable[[Any], tuple[Any, ...]]:
         if self._endpoints != endpoints:
             if len(endpoints) < 2:
                 raise ValueError("CandidateKeys needs at least two candidates")
-            self._getter = itemgetter(*[e.key for e in endpoints])
+            self.keys = [e.key for e in endpoints]
+            self._getter = itemgetter(*self.keys)
             self._endpoints = list(endpoints)
         return self._getter
 

@@ -8,10 +8,12 @@ default parameters created implicitly. Prompts shorter than one block score 0.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Self
 
 from epp.config import Params
 from epp.datastore import EndpointView
+from epp.scheduling.plugins._util import CandidateKeys
 from epp.scheduling.registry import BuildContext, register
 from epp.scheduling.types import CycleState, LLMRequest, PrefixMatchProducer, Scorer
 
@@ -23,6 +25,7 @@ class PrefixCacheScorer(Scorer):
     def __init__(self, name: str, producer: PrefixMatchProducer) -> None:
         self.name = name
         self.producer = producer
+        self._keys = CandidateKeys()
 
     @classmethod
     def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
@@ -38,5 +41,9 @@ class PrefixCacheScorer(Scorer):
         if info is None or info.total_blocks == 0 or not info.matches:
             return [0.0] * len(endpoints)
         total = info.total_blocks
-        m = info.matches
-        return [m.get(e.key, 0) / total for e in endpoints]
+        get = info.matches.get
+        if len(endpoints) < 2:
+            return [get(e.key, 0) / total for e in endpoints]
+        keys = self._keys
+        keys.of(endpoints)
+        return [c / total for c in map(get, keys.keys, repeat(0))]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from itertools import repeat
 from typing import Self
 
 from epp.config import Params
@@ -84,12 +85,15 @@ class RoutedLoadScorer(Scorer, PreRequest):
         # self.load(key, now) per endpoint, inlined (same floats); an endpoint never
         # routed to gets _NEVER: its age is -inf, so its load is the count, 0.0.
         entries: Sequence[tuple[float, float]]
-        try:  # every candidate routed to before (the usual case): one C call
-            entries = self._keys.of(endpoints)(self._counts) if len(endpoints) > 1 else ()
-        except KeyError:
-            entries = ()
-        if len(entries) != len(endpoints):
+        if len(endpoints) < 2:
             entries = [get(e.key, _NEVER) for e in endpoints]
+        else:
+            keys = self._keys
+            getter = keys.of(endpoints)
+            try:  # every candidate routed to before (the usual case): one C call
+                entries = getter(self._counts)
+            except KeyError:  # some never routed to
+                entries = list(map(get, keys.keys, repeat(_NEVER)))
         loads = [
             count * exp(neg_rate * age) if (age := now - as_of) > 0.0 else count
             for count, as_of in entries

@@ -244,3 +244,35 @@ def test_candidate_keys_follow_the_list_they_are_given() -> None:
         ck.of(views)({})
     with pytest.raises(ValueError, match="two candidates"):
         ck.of([views[0]])
+
+
+def test_prefix_cache_scores_equal_matched_over_total() -> None:
+    from epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer
+    from epp.scheduling.types import PrefixMatchInfo, PrefixMatchProducer
+
+    class Fixed(PrefixMatchProducer):
+        type_name = "fixed"
+
+        def __init__(self) -> None:
+            self.name = "fixed"
+
+        @classmethod
+        def from_params(cls, name, params, ctx):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+        def produce(self, cycle: CycleState, request: LLMRequest, endpoints: object) -> None:
+            raise NotImplementedError
+
+    rng = random.Random(4)
+    pool = [view(i) for i in range(10)]
+    scorer = PrefixCacheScorer("pc", Fixed())
+    for _ in range(300):
+        cands = rng.sample(pool, rng.randrange(1, 11))
+        total = rng.randrange(1, 40)
+        matches = {
+            v.key: rng.randrange(1, total + 1) for v in rng.sample(pool, rng.randrange(0, 5))
+        }
+        cycle = CycleState()
+        cycle.values["fixed"] = PrefixMatchInfo(total, 16, matches)
+        want = [matches.get(v.key, 0) / total for v in cands] if matches else [0.0] * len(cands)
+        assert list(scorer.score(cycle, REQ, cands)) == want
