@@ -90,9 +90,13 @@ class RoutedLoadScorer(Scorer, PreRequest):
         else:
             keys = self._keys
             getter = keys.of(endpoints)
-            try:  # every candidate routed to before (the usual case): one C call
-                entries = getter(self._counts)
-            except KeyError:  # some never routed to
+            entries = ()
+            if len(self._counts) >= len(endpoints):  # else some were never routed to
+                try:  # every candidate routed to before (the usual case): one C call
+                    entries = getter(self._counts)
+                except KeyError:
+                    pass
+            if not entries:
                 entries = list(map(get, keys.keys, repeat(_NEVER)))
         loads = [
             count * exp(neg_rate * age) if (age := now - as_of) > 0.0 else count
