@@ -90,14 +90,13 @@ class RoutedLoadScorer(Scorer, PreRequest):
         else:
             keys = self._keys
             getter = keys.of(endpoints)
-            entries = ()
+            found: Sequence[tuple[float, float]] | None = None
             if len(self._counts) >= len(endpoints):  # else some were never routed to
                 try:  # every candidate routed to before (the usual case): one C call
-                    entries = getter(self._counts)
+                    found = getter(self._counts)
                 except KeyError:
-                    pass
-            if not entries:
-                entries = list(map(get, keys.keys, repeat(_NEVER)))
+                    found = None
+            entries = list(map(get, keys.keys, repeat(_NEVER))) if found is None else found
         loads = [
             count * exp(neg_rate * age) if (age := now - as_of) > 0.0 else count
             for count, as_of in entries
