@@ -7,12 +7,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from operator import itemgetter
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 from epp.config import Params
 from epp.datastore import Datastore, EndpointView
 from epp.scheduling.registry import BuildContext
 from epp.scheduling.types import Picker, SchedulingResult
+
+V = TypeVar("V")
 
 #: Upper bound of ``maxNumOfEndpoints`` (fallbacks sent to the proxy).
 MAX_ENDPOINTS = 64
@@ -45,33 +47,57 @@ class CountPicker(Picker):
         return cls(name, ctx.rng, n)
 
 
+class ListMemo(Generic[V]):
+    """A value for each of the last two candidate lists seen, compared by value.
+
+    For values that are a function of the candidate views alone (views are
+    immutable; equal views give equal values). Two slots, because a P/D config
+    runs the same plugin instance in two profiles with different candidates.
+
+    Invariant: each slot holds a private copy of the list its value was computed
+    for (a caller changing its list later cannot make a stale value match).
+    """
+
+    __slots__ = ("_slots",)
+
+    def __init__(self) -> None:
+        self._slots: list[tuple[list[EndpointView], V]] = []
+
+    def get(self, endpoints: list[EndpointView]) -> V | None:
+        for seen, value in self._slots:
+            if seen == endpoints:
+                return value
+        return None
+
+    def put(self, endpoints: list[EndpointView], value: V) -> None:
+        self._slots = [(list(endpoints), value), *self._slots[:1]]
+
+
 class CandidateKeys:
     """The candidates' keys as one ``operator.itemgetter``: ``of(endpoints)(d)`` is
     ``tuple(d[e.key] for e in endpoints)`` in one C call (KeyError when one is
-    missing). Rebuilt only when the candidate list changes: lists are compared by
-    value, and equal views have equal keys. Needs at least two candidates (an
-    itemgetter of one key returns the value, not a tuple).
-
-    Invariant: ``_getter`` looks up exactly the keys of ``_endpoints``, a private
-    copy of the last list seen.
+    missing); ``keys`` then lists those keys. Built once per candidate list (see
+    :class:`ListMemo`). Needs at least two candidates (an itemgetter of one key
+    returns the value, not a tuple).
     """
 
-    __slots__ = ("_endpoints", "_getter", "keys")
+    __slots__ = ("_memo", "keys")
 
     def __init__(self) -> None:
-        self._endpoints: list[EndpointView] | None = None
-        self._getter: Callable[[Any], tuple[Any, ...]] = itemgetter("", "")
+        self._memo: ListMemo[tuple[Callable[[Any], tuple[Any, ...]], list[str]]] = ListMemo()
         #: The keys of the last list given to :meth:`of` (read-only).
         self.keys: list[str] = []
 
     def of(self, endpoints: list[EndpointView]) -> Callable[[Any], tuple[Any, ...]]:
-        if self._endpoints != endpoints:
+        got = self._memo.get(endpoints)
+        if got is None:
             if len(endpoints) < 2:
                 raise ValueError("CandidateKeys needs at least two candidates")
-            self.keys = [e.key for e in endpoints]
-            self._getter = itemgetter(*self.keys)
-            self._endpoints = list(endpoints)
-        return self._getter
+            keys = [e.key for e in endpoints]
+            got = (itemgetter(*keys), keys)
+            self._memo.put(endpoints, got)
+        self.keys = got[1]
+        return got[0]
 
 
 def min_max_scores(

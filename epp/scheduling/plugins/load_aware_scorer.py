@@ -5,7 +5,8 @@
 
 The scores depend only on the candidate views (immutable, shared by every request
 until the datastore's snapshot changes) and ``threshold``: the last candidate list
-(a copy) and its scores are kept, and an equal list gets the same tuple.
+and its scores are kept (the last two lists, see ``ListMemo``); an equal list gets
+the same tuple.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Self
 
 from epp.config import Params
 from epp.datastore import EndpointView
+from epp.scheduling.plugins._util import ListMemo
 from epp.scheduling.registry import BuildContext, register
 from epp.scheduling.types import CycleState, LLMRequest, Scorer
 
@@ -27,7 +29,7 @@ class LoadAwareScorer(Scorer):
     def __init__(self, name: str, threshold: int = 128) -> None:
         self.name = name
         self.threshold = threshold
-        self._last: tuple[list[EndpointView] | None, int, tuple[float, ...]] = (None, 0, ())
+        self._memo: ListMemo[tuple[int, tuple[float, ...]]] = ListMemo()
 
     @classmethod
     def from_params(cls, name: str, params: Params, ctx: BuildContext) -> Self:
@@ -39,14 +41,14 @@ class LoadAwareScorer(Scorer):
         self, cycle: CycleState, request: LLMRequest, endpoints: list[EndpointView]
     ) -> Sequence[float]:
         t = self.threshold
-        last_in, last_t, last_out = self._last
-        if last_t == t and last_in == endpoints:
-            return last_out
+        got = self._memo.get(endpoints)
+        if got is not None and got[0] == t:
+            return got[1]
         out = tuple(
             0.0
             if e.stale or (q := e.metrics.waiting) >= t
             else 0.5 * (1.0 - (q if q > 0 else 0) / t)
             for e in endpoints
         )
-        self._last = (list(endpoints), t, out)
+        self._memo.put(endpoints, (t, out))
         return out

@@ -276,3 +276,25 @@ def test_prefix_cache_scores_equal_matched_over_total() -> None:
         cycle.values["fixed"] = PrefixMatchInfo(total, 16, matches)
         want = [matches.get(v.key, 0) / total for v in cands] if matches else [0.0] * len(cands)
         assert list(scorer.score(cycle, REQ, cands)) == want
+
+
+def test_list_memo_keeps_the_last_two_lists() -> None:
+    from epp.scheduling.plugins._util import ListMemo
+
+    memo: ListMemo[str] = ListMemo()
+    a, b, c = [view(0), view(1)], [view(2), view(3)], [view(4)]
+    assert memo.get(a) is None
+    memo.put(a, "a")
+    memo.put(b, "b")
+    assert memo.get(list(a)) == "a" and memo.get(b) == "b"  # by value, both kept
+    memo.put(c, "c")  # evicts the older one
+    assert memo.get(a) is None and memo.get(b) == "b" and memo.get(c) == "c"
+    a2 = [view(0), view(1, waiting=3)]  # new metrics for one endpoint: another list
+    assert memo.get(a2) is None
+    # Two profiles alternating over different candidates keep getting their own scores.
+    la = LoadAwareScorer("la", threshold=8)
+    d = [view(0, waiting=2), view(1, waiting=4)]
+    p = [view(2, waiting=8), view(3, waiting=0)]
+    for _ in range(3):
+        assert list(la.score(CycleState(), REQ, d)) == [0.375, 0.25]
+        assert list(la.score(CycleState(), REQ, p)) == [0.0, 0.5]
