@@ -31,6 +31,18 @@ loop / N, median of interleaved rounds; plus p50/p99 of per-request thread CPU),
 
 Usage: ``.venv/bin/python benchmarks/epp/handler_profile.py [--requests N]
 [--scenario NAME ...] [--profile] [--json-only]``
+
+Instruction counts (deterministic, unlike CPU time on a shared machine):
+``--callgrind N`` runs N requests per scenario, each scenario inside one
+``functools.reduce`` call, and nothing else; run it under
+
+    valgrind --tool=callgrind --collect-atstart=no --toggle-collect=functools_reduce \
+      --dump-after=functools_reduce --callgrind-out-file=/tmp/hp.cg \
+      .venv/bin/python benchmarks/epp/handler_profile.py --callgrind 200
+
+and read ``summary:`` of each dump ``/tmp/hp.cg.<k>`` with ``desc: Trigger:
+--dump-after`` (in ``part:`` order, one per scenario as listed): instructions
+per request = summary / N; "below handler" = scenario - floor.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import functools
 import gc
 import io
 import os
@@ -409,6 +422,35 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [sc.result(args.profile) for sc in scenarios]
 
 
+def callgrind_marks(args: argparse.Namespace) -> int:
+    """``--callgrind N``: N requests per scenario, each scenario's inside one
+    ``functools.reduce`` call (the callgrind toggle; see the module doc)."""
+    loop = asyncio.new_event_loop()
+    names = args.scenario or list(SCENARIOS)
+    scenarios = [Scenario(name, args.seed, args.config_file) for name in names]
+    for sc in scenarios:
+        loop.run_until_complete(sc.warm_up(args.warmup))
+
+    async def run(sc: Scenario, n: int) -> None:
+        for i in range(n):
+            if i % 100 == 0:  # a scrape round every 100 requests, as in --refresh-every 100
+                refresh_metrics(sc.datastore, sc.rng)
+            await sc.one()
+
+    gc.collect()
+    gc.disable()
+    for sc in scenarios:
+
+        def step(_acc: None, _i: int, sc: Scenario = sc) -> None:
+            loop.run_until_complete(run(sc, args.callgrind))
+
+        functools.reduce(step, range(1), None)
+    gc.enable()
+    loop.close()
+    print("callgrind parts, in order: " + ", ".join(names))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--requests", type=int, default=5000, help="requests per scenario (5000)")
@@ -436,7 +478,17 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="cProfile top-30 by tottime")
     ap.add_argument("--json-only", action="store_true")
+    ap.add_argument(
+        "--callgrind",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N requests per scenario inside functools.reduce, for instruction counts "
+        "under valgrind (see the module doc); prints no timings",
+    )
     args = ap.parse_args()
+    if args.callgrind:
+        return callgrind_marks(args)
     try:
         import uvloop
 
