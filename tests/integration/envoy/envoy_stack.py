@@ -62,6 +62,7 @@ async def start_backend() -> Backend:
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_get("/metrics", prom)
+    app.router.add_get("/metrics/", prom)  # the scraper's filtered GET (as vLLM serves it)
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
