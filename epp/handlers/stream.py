@@ -485,11 +485,12 @@ class StreamHandler:
                 sse = headers.get("content-type", "").startswith("text/event-stream")
                 s.scanner = UsageScanner(sse=sse)
         last = bool(rh.end_of_stream) or s.resp_body_mode == _NONE
-        if last:
-            # Nothing more will come: report before answering, so the hooks have run
-            # by the time the client sees the response.
-            self._finish(s)
         await write(pb.ProcessingResponse(response_headers={"response": common}))
+        if last:
+            # Nothing more will come. Answer first (Envoy holds the client's response
+            # for it), report then: in the same step, before this process reads
+            # anything else, so the next pick already sees this request finished.
+            self._finish(s)
         return last
 
     async def _on_response_body(self, s: _Stream, msg: pb.ProcessingRequest, write: Writer) -> None:

@@ -233,6 +233,10 @@ class ServerStream:
             raise StreamClosed(f"stream {self.sid} has ended")
         conn = self._conn
         conn.send_message(self, message.SerializeToString())
+        if len(conn.streams) <= conn.server.write_through_streams:
+            # Few calls in progress: latency is what counts, write now instead of
+            # at the end of the loop pass (under load, output is batched per pass).
+            conn.flush()
         if self.pending or conn.paused:
             await self._wait_drained()
 
@@ -636,6 +640,8 @@ class _Connection(asyncio.Protocol):
             code, message = INTERNAL, "internal error"
         if not stream.ended_local and not self.closed:
             self._finish(stream, code, message)
+            if len(self.streams) < self.server.write_through_streams:
+                self.flush()
 
     def _on_data(self, flags: int, sid: int, payload: memoryview) -> None:
         size = len(payload)
@@ -870,6 +876,7 @@ class GrpcServer:
         stream_window: int = 1 << 20,
         connection_window: int = 16 << 20,
         max_unsent_bytes: int = MAX_UNSENT,
+        write_through_streams: int = 2,
     ) -> None:
         if not DEFAULT_WINDOW <= stream_window <= MAX_WINDOW:
             raise ValueError("stream_window out of range")
@@ -880,6 +887,9 @@ class GrpcServer:
         self.stream_window = stream_window
         self.connection_window = connection_window
         self.max_unsent_bytes = max_unsent_bytes
+        #: With at most this many streams open on a connection, a handler's message
+        #: is written at once (latency); above it, at the end of the loop pass.
+        self.write_through_streams = write_through_streams
         self.methods: dict[bytes, _Method] = {}
         self.connections: set[_Connection] = set()
         self._servers: list[asyncio.Server] = []

@@ -468,3 +468,56 @@ async def test_a_peer_that_never_reads_is_disconnected() -> None:
     assert closed and not srv.connections
     w.close()
     await srv.stop(0)
+
+
+class _SinkTransport:
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("write_through", "written_at_once"), [(2, True), (0, False)])
+async def test_write_through_when_few_streams_are_open(
+    write_through: int, written_at_once: bool
+) -> None:
+    """With few calls in progress a message is written at once (latency: Envoy
+    holds a client's response for it); otherwise at the end of the loop pass, so
+    many streams' answers share one write under load."""
+    transport = _SinkTransport()
+    seen: list[int] = []
+
+    async def answer(stream: h2grpc.ServerStream) -> None:
+        m = await stream.read()
+        before = len(transport.chunks)
+        await stream.write(Msg(service=m.service.upper()))
+        seen.append(len(transport.chunks) - before)
+
+    srv = h2grpc.GrpcServer(write_through_streams=write_through)
+    srv.add_method(ECHO, Msg.FromString, answer)
+    conn = h2grpc._Connection(srv)
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    client = Client(None, None)  # type: ignore[arg-type]  # only its HPACK encoder
+    conn.data_received(
+        h2grpc.PREFACE
+        + frame(SETTINGS, 0, 0, b"")
+        + frame(HEADERS, END_HEADERS, 1, client.headers_block(ECHO))
+        + frame(DATA, 0, 1, grpc_msg("hi"))
+    )
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert seen == [1 if written_at_once else 0]
+    assert b"HI" in b"".join(transport.chunks)
