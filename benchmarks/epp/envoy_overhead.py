@@ -273,9 +273,11 @@ def main() -> int:
     )
     ap.add_argument("--refresh-metrics-interval", default="100ms")
     ap.add_argument(
-        "--skip-response-headers",
-        action="store_true",
-        help="Envoy does not send response headers to the EPP (fewer messages)",
+        "--response-phase",
+        choices=("auto", "send", "skip"),
+        default="auto",
+        help="whether Envoy sends response headers to the EPP: auto = as `pdroute up` "
+        "does, only when the EPP config's plugins need them (the default config does not)",
     )
     ap.add_argument(
         "--load",
@@ -322,6 +324,19 @@ def main() -> int:
         print("Envoy is not installed: run scripts/bootstrap", file=sys.stderr)
         return 2
 
+    if args.response_phase == "auto":
+        from epp.config import load_config_text, load_default_config
+        from epp.scheduling.scheduler import build_pipeline
+
+        config = (
+            load_config_text(RANDOM_CONFIG)
+            if args.scheduling == "random"
+            else load_default_config()
+        )
+        response_headers = build_pipeline(config).needs_response_phase
+    else:
+        response_headers = args.response_phase == "send"
+
     tmp = Path(tempfile.mkdtemp(prefix="pdroute-bench-"))
     script = tmp / "post.lua"
     (tmp / "body.json").write_bytes(BODY)
@@ -347,7 +362,7 @@ def main() -> int:
             "concurrency": [1, args.concurrency],
             "tls_to_epp": args.tls,
             "scheduling": args.scheduling,
-            "response_headers_to_epp": not args.skip_response_headers,
+            "response_headers_to_epp": response_headers,
             "refresh_metrics_interval": args.refresh_metrics_interval,
             "request_body_bytes": len(BODY),
             "envoy_concurrency": 1,
@@ -441,7 +456,7 @@ def main() -> int:
                     epp_port=grpc_port,
                     pool=pool,
                     epp_tls=args.tls,
-                    response_headers=not args.skip_response_headers,
+                    response_headers=response_headers,
                 ),
                 binary=envoy_bin,
                 concurrency=args.envoy_concurrency,
@@ -486,7 +501,7 @@ def main() -> int:
                     admin_port=free_port(),
                     epp_port=bare_port,
                     pool=pool,
-                    response_headers=not args.skip_response_headers,
+                    response_headers=response_headers,
                 ),
                 binary=envoy_bin,
                 concurrency=args.envoy_concurrency,

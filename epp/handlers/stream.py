@@ -369,7 +369,7 @@ class StreamHandler:
             resp = pb.ProcessingResponse(
                 request_headers={"response": self._routing_common(s, decision, endpoints, None)}
             )
-            _set_lb_metadata(resp, endpoints)
+            _set_lb_metadata(resp, endpoints, decision)
             await write(resp)
             s.phase = _PH_RESPONSE
             return
@@ -433,11 +433,11 @@ class StreamHandler:
             if decision.body is not None:
                 common["body_mutation"] = {"body": out}
             resp = pb.ProcessingResponse(request_body={"response": common})
-            _set_lb_metadata(resp, endpoints)
+            _set_lb_metadata(resp, endpoints, decision)
             await write(resp)
         else:
             resp = pb.ProcessingResponse(request_headers={"response": common})
-            _set_lb_metadata(resp, endpoints)
+            _set_lb_metadata(resp, endpoints, decision)
             await write(resp)
             await _write_streamed(write, out, request=True)
         s.phase = _PH_RESPONSE
@@ -532,11 +532,16 @@ class StreamHandler:
         duration.observe(self._clock() - s.started)
 
 
-def _set_lb_metadata(resp: pb.ProcessingResponse, endpoints: str) -> None:
-    """``dynamic_metadata = {"envoy.lb": {"x-gateway-destination-endpoint": endpoints}}``."""
-    resp.dynamic_metadata.fields[hdr.ENVOY_LB_NAMESPACE].struct_value.fields[
-        hdr.DESTINATION_ENDPOINT
-    ].string_value = endpoints
+def _set_lb_metadata(resp: pb.ProcessingResponse, endpoints: str, decision: object) -> None:
+    """``dynamic_metadata = {"envoy.lb": {"x-gateway-destination-endpoint": endpoints}}``
+    plus the decision's ``routing_metadata`` (response headers known at routing time,
+    e.g. ``x-session-token``, that the gateway copies into the response)."""
+    fields = resp.dynamic_metadata.fields[hdr.ENVOY_LB_NAMESPACE].struct_value.fields
+    fields[hdr.DESTINATION_ENDPOINT].string_value = endpoints
+    extra: Mapping[str, str] | None = getattr(decision, "routing_metadata", None)
+    if extra:
+        for k, v in extra.items():
+            fields[k].string_value = v
 
 
 async def _write_streamed(write: Writer, body: bytes, *, request: bool, end: bool = True) -> None:

@@ -58,6 +58,10 @@ class RoutingDecision(Protocol):
     #: Response headers to add for the client (e.g. ``x-session-token``), may be empty.
     def response_headers(self, info: ResponseInfo) -> Mapping[str, str]: ...
 
+    # Optional attribute ``routing_metadata: Mapping[str, str]``: response headers
+    # known at routing time; the handler puts them in the ``envoy.lb`` metadata, from
+    # which pdroute's gateway adds them to the response (no response round trip).
+
     #: Called once when the response ends (completed, failed or client gone).
     def finish(self, info: ResponseInfo) -> None: ...
 

@@ -63,6 +63,7 @@ class Decision:
         "endpoints",
         "request",
         "result",
+        "routing_metadata",
         "set_headers",
     )
 
@@ -82,6 +83,8 @@ class Decision:
         self.request = request
         self.result = result
         self.cycle = cycle
+        #: Response headers known at routing time, for the ``envoy.lb`` metadata.
+        self.routing_metadata: dict[str, str] = {}
         self._finished = False
         self._headers: Mapping[str, str] | None = None
 
@@ -167,6 +170,10 @@ class EppDirector:
     def needs_response_body(self) -> bool:
         return self.pipeline.needs_response_body
 
+    @property
+    def needs_response_phase(self) -> bool:
+        return self.pipeline.needs_response_phase
+
     def ready(self) -> bool:
         return self.datastore.synced
 
@@ -217,7 +224,16 @@ class EppDirector:
                 log.exception("pre-request hook %s failed", getattr(hook, "name", hook))
         endpoints = [t.key for t in result.primary.targets]
         self._acquire(endpoints[0])
-        return Decision(self, endpoints, set_headers, request=llm, result=result, cycle=cycle)
+        decision = Decision(self, endpoints, set_headers, request=llm, result=result, cycle=cycle)
+        for rh in self.pipeline.response_headers:
+            try:
+                extra = rh.routing_response_headers(cycle, llm, result)
+            except Exception:
+                log.exception("routing response-headers hook %s failed", getattr(rh, "name", rh))
+                continue
+            if extra:
+                decision.routing_metadata.update(extra)
+        return decision
 
     # -- lifecycle -------------------------------------------------------------
 

@@ -276,6 +276,14 @@ class Pipeline:
     def needs_response_body(self) -> bool:
         return any(p.needs_response_body for p in self.plugins.values())
 
+    @property
+    def needs_response_phase(self) -> bool:
+        """Whether any plugin needs the gateway to send response headers (or bodies)
+        to the EPP. Session tokens do not: they also travel in the routing metadata."""
+        return self.needs_response_body or any(
+            p.needs_response_phase for p in self.plugins.values()
+        )
+
     def plugin(self, name: str) -> Any:
         return self.plugins[name]
 

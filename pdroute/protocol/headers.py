@@ -17,6 +17,10 @@ SESSION_TOKEN = "x-session-token"
 SERVED_BY = "x-inference-served-by"
 
 ENVOY_LB_NAMESPACE = "envoy.lb"
+#: Response headers the EPP may also put in the ``envoy.lb`` routing metadata (known
+#: at routing time); pdroute's gateway copies them into the client's response, so
+#: they need no ext_proc response round trip.
+RESPONSE_HEADERS_FROM_METADATA = (SESSION_TOKEN,)
 SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
 
 #: Prefixes and names that only the EPP may set. Matching is on lower-cased names.

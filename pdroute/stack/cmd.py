@@ -189,6 +189,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return plan
 
 
+def response_phase_needed(config_file: Path) -> bool:
+    """Whether the EPP config's plugins need Envoy to send the EPP response headers
+    (``Pipeline.needs_response_phase``: in-flight accounting, usage; not session
+    tokens, which Envoy adds from the routing metadata). Builds the plugins without
+    starting them."""
+    from epp.config import load_config
+    from epp.scheduling.scheduler import build_pipeline
+
+    return build_pipeline(load_config(config_file)).needs_response_phase
+
+
 def epp_config_text(plan: Plan) -> str:
     """The EPP's built-in default (``epp/config/default-config.yaml``: its scorers,
     and a picker that adds one fallback endpoint); with prefill servers, llm-d's P/D
@@ -233,6 +244,7 @@ class Stack:
         self.plan = plan
         self.sup = Supervisor(plan.run_dir)
         self.components: list[tuple[str, Child, str]] = []  # (what, child, address)
+        self._epp_config: Path = plan.run_dir / "epp-config.yaml"  # set by _start_epp
 
     async def start(self) -> None:
         plan, a = self.plan, self.plan.args
@@ -380,6 +392,7 @@ class Stack:
         else:
             config_file = plan.run_dir / "epp-config.yaml"
             config_file.write_text(epp_config_text(plan))
+        self._epp_config = config_file
         argv = _pdroute(
             "epp",
             "--host",
@@ -413,6 +426,9 @@ class Stack:
             mode=MODE_POOL,
             epp_tls=a.epp_tls,
             failure_mode_allow=a.fail_open,
+            # Response headers go to the EPP only when a configured plugin needs
+            # them: otherwise one ext_proc round trip fewer per request.
+            response_headers=response_phase_needed(self._epp_config),
         )
         cfg = plan.run_dir / "envoy.yaml"
         cfg.write_text(bootstrap_yaml(opts))

@@ -16,6 +16,12 @@ What the bootstrap does:
   ``metadata_options.receiving_namespaces.untyped: [envoy.lb]`` (without it Envoy
   silently drops the EPP's routing metadata). The ``upstream.address`` attribute
   is sent with response headers so the EPP learns which endpoint served.
+  Response headers go to the EPP only when ``response_headers`` (``pdroute up``:
+  when the EPP config's plugins need the response phase, see
+  ``Pipeline.needs_response_phase``); without them each request makes one ext_proc
+  round trip instead of two. Headers the EPP decides at routing time (session
+  tokens) are added to the response from its ``envoy.lb`` metadata by the route's
+  ``response_headers_to_add`` either way.
 * Routing is keyed on the ``envoy.lb`` dynamic metadata
   ``x-gateway-destination-endpoint``, never on the request header: the header is
   client-steerable whenever the EPP is bypassed (fail-open).
@@ -68,6 +74,7 @@ from typing import Any
 
 import yaml
 
+from pdroute.protocol import headers as hdr
 from pdroute.stack.procs import spawn_in_group, stop_process_group, tail
 
 DESTINATION_ENDPOINT = "x-gateway-destination-endpoint"
@@ -341,6 +348,20 @@ def _route(o: EnvoyOptions) -> dict[str, Any]:
         "match": {"prefix": "/"},
         "route": route,
         "request_body_buffer_limit": o.retry_buffer_bytes,
+        # Response headers the EPP decided at routing time (session tokens), from its
+        # envoy.lb metadata: with response_header_mode SKIP they need no round trip;
+        # with SEND the EPP's response-headers answer may still overwrite them.
+        "response_headers_to_add": [
+            {
+                "header": {
+                    "key": name,
+                    "value": f"%DYNAMIC_METADATA({hdr.ENVOY_LB_NAMESPACE}:{name})%",
+                },
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                "keep_empty_value": False,
+            }
+            for name in hdr.RESPONSE_HEADERS_FROM_METADATA
+        ],
     }
 
 

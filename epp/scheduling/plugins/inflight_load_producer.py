@@ -119,6 +119,8 @@ class InflightLoadProducer(Producer, PreRequest, ResponseComplete):
         self.tokens[endpoint] = self.tokens.get(endpoint, 0) + tokens
         cycle.values[self._key] = seq
 
+    needs_response_phase = True  # in-flight counts end when the response does
+
     def response_complete(
         self,
         cycle: CycleState,

@@ -63,3 +63,10 @@ class SessionAffinityScorer(Scorer, ResponseHeaders):
         self, cycle: CycleState, request: LLMRequest, result: SchedulingResult, served: str | None
     ) -> Mapping[str, str]:
         return {SESSION_TOKEN: encode_token(served or result.primary.targets[0].key)}
+
+    def routing_response_headers(
+        self, cycle: CycleState, request: LLMRequest, result: SchedulingResult
+    ) -> Mapping[str, str]:
+        # The token is known at routing time (the primary); the response phase, when
+        # the gateway sends it, corrects it to the endpoint that actually served.
+        return {SESSION_TOKEN: encode_token(result.primary.targets[0].key)}

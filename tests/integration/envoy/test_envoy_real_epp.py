@@ -18,6 +18,7 @@ import orjson
 import pytest
 from envoy_stack import Backend, start_backend, until_served  # type: ignore[import-not-found]
 
+from epp.scheduling.plugins.session_affinity_scorer import decode_token
 from pdroute.stack.envoy import EnvoyOptions, EnvoyProcess
 from tests.netutil import free_port
 
@@ -63,7 +64,7 @@ def _spawn_epp(
 
 
 async def _real_stack(
-    envoy_binary: str, tmp_path: Path, *, failure_mode_allow: bool
+    envoy_binary: str, tmp_path: Path, *, failure_mode_allow: bool, response_headers: bool = True
 ) -> AsyncIterator[RealStack]:
     backends = [await start_backend() for _ in range(3)]
     eps = tmp_path / "endpoints.yaml"
@@ -86,6 +87,7 @@ async def _real_stack(
             epp_tls=True,  # the EPP serves TLS by default (self-signed)
             failure_mode_allow=failure_mode_allow,
             epp_health_interval_s=0.2,
+            response_headers=response_headers,
         ),
         binary=envoy_binary,
         workdir=tmp_path / "envoy",
@@ -119,6 +121,47 @@ async def real_stack(envoy_binary: str, tmp_path: Path) -> AsyncIterator[RealSta
 async def real_stack_fail_open(envoy_binary: str, tmp_path: Path) -> AsyncIterator[RealStack]:
     async for st in _real_stack(envoy_binary, tmp_path, failure_mode_allow=True):
         yield st
+
+
+@pytest.fixture(params=["response phase", "no response phase"])
+async def stack_either_phase(
+    request: pytest.FixtureRequest, envoy_binary: str, tmp_path: Path
+) -> AsyncIterator[RealStack]:
+    async for st in _real_stack(
+        envoy_binary,
+        tmp_path,
+        failure_mode_allow=False,
+        response_headers=request.param == "response phase",
+    ):
+        yield st
+
+
+async def test_session_token_with_and_without_the_response_phase(
+    stack_either_phase: RealStack,
+) -> None:
+    """The default config's session tokens reach the client whether Envoy sends
+    response headers to the EPP or not (then from the envoy.lb routing metadata, as
+    ``pdroute up`` runs it: the default plugins do not need the response phase), and
+    a conversation sending the token back stays on its endpoint."""
+    st = stack_either_phase
+    prompt = "a conversation about endpoint pickers " * 12
+    async with st.session.post(
+        st.envoy.url + "/v1/completions", json={"model": "tiny", "prompt": prompt}
+    ) as r:
+        assert r.status == 200
+        token = r.headers.get("x-session-token")
+        served = (await r.json())["served_by"]
+    assert token and decode_token(token) == served
+    for i in range(4):
+        prompt += f" turn {i} and its answer"
+        async with st.session.post(
+            st.envoy.url + "/v1/completions",
+            json={"model": "tiny", "prompt": prompt},
+            headers={"x-session-token": token},
+        ) as r:
+            assert r.status == 200
+            assert (await r.json())["served_by"] == served
+            assert r.headers.get("x-session-token") == token
 
 
 async def test_real_epp_routes_to_pool_members_and_counts(real_stack: RealStack) -> None:

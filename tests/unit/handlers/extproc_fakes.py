@@ -25,6 +25,7 @@ class FakeDecision:
     extra_response_headers: Mapping[str, str] = field(default_factory=dict)
     finished: list[ResponseInfo] = field(default_factory=list)
     model: str = "m"
+    routing_metadata: dict[str, str] = field(default_factory=dict)
 
     def response_headers(self, info: ResponseInfo) -> Mapping[str, str]:
         return self.extra_response_headers

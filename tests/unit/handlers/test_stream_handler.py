@@ -141,6 +141,25 @@ async def test_duplicate_end_of_stream_is_tolerated(make_harness: Any) -> None:
     assert len(d.finished) == 1 and d.finished[0].status == 200
 
 
+async def test_routing_metadata_travels_in_envoy_lb(make_harness: Any) -> None:
+    """Response headers known at routing time (session tokens) go in the envoy.lb
+    metadata next to the destination, for the gateway to add to the response."""
+    d = FakeDirector(
+        behaviour=lambda r: FakeDecision(
+            ["10.0.0.9:8000"], routing_metadata={"x-session-token": "dG9r"}
+        )
+    )
+    h = await make_harness(d)
+    call = h.open()
+    await call.write(headers_msg(REQUEST_HEADERS))
+    await call.write(body_msg(b'{"model": "m"}', eos=True))
+    r1, _ = await read_n(call, 2)
+    lb = r1.dynamic_metadata.fields["envoy.lb"].struct_value.fields
+    assert lb["x-gateway-destination-endpoint"].string_value == "10.0.0.9:8000"
+    assert lb["x-session-token"].string_value == "dG9r"
+    await call.done_writing()
+
+
 async def test_stream_ends_with_the_response_headers_answer_when_no_body_follows(
     make_harness: Any,
 ) -> None:

@@ -202,6 +202,10 @@ async def test_session_token_round_trip() -> None:
     first = await d.route(req(chat()))
     token = first.response_headers(ResponseInfo(status=200))["x-session-token"]
     assert base64.b64decode(token).decode() == first.endpoints[0]
+    # Known at routing time too: the handler puts it in the envoy.lb metadata, from
+    # which the gateway adds it when response headers do not reach the EPP.
+    assert first.routing_metadata == {"x-session-token": token}
+    assert d.needs_response_phase is False  # session tokens do not need it
     # Make the bound endpoint the busiest: affinity (10) still beats queue (1).
     for e in ds.endpoints():
         ds.update_metrics(
@@ -232,6 +236,14 @@ def test_build_director_configs(tmp_path: Path) -> None:
     d = build_director(ds)
     assert d.config.profile_handler == "single-profile-handler"
     assert d.needs_response_body is False
+    assert d.needs_response_phase is False  # the default plugins route without it
+    inflight = (
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n"
+        "- type: active-request-scorer\n"
+        "schedulingProfiles:\n- name: d\n  plugins: [{pluginRef: active-request-scorer}]\n"
+    )
+    # In-flight counts end with the response: that needs the response phase.
+    assert build_director(ds, config_text=inflight).needs_response_phase is True
     assert [p.type for p in d.data_layer_plugins] == [
         "metrics-data-source",
         "core-metrics-extractor",
