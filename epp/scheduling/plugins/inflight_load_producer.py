@@ -55,6 +55,7 @@ def parse_duration(params: Params, key: str, default_s: float) -> float:
 @register
 class InflightLoadProducer(Producer, PreRequest, ResponseComplete):
     type_name = "inflight-load-producer"
+    needs_response_phase = True  # in-flight counts end when the response does
 
     def __init__(
         self, name: str, *, timeout_s: float = 300.0, clock: Callable[[], float] = time.monotonic
@@ -118,8 +119,6 @@ class InflightLoadProducer(Producer, PreRequest, ResponseComplete):
         self.requests[endpoint] = self.requests.get(endpoint, 0) + 1
         self.tokens[endpoint] = self.tokens.get(endpoint, 0) + tokens
         cycle.values[self._key] = seq
-
-    needs_response_phase = True  # in-flight counts end when the response does
 
     def response_complete(
         self,
