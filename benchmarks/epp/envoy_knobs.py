@@ -71,11 +71,9 @@ import envoy_overhead as eo  # noqa: E402
 from pdroute.stack.envoy import (  # noqa: E402
     EnvoyOptions,
     EnvoyProcess,
-    envoy_argv,
     find_envoy,
     render_bootstrap,
 )
-from pdroute.stack.procs import spawn_in_group  # noqa: E402
 from tests.netutil import free_port  # noqa: E402
 
 STUB_DIR = Path(__file__).resolve().with_name("go_stub")
@@ -262,30 +260,11 @@ class VariantEnvoy(EnvoyProcess):
         wrapper: list[str] | None = None,
         **kw: Any,
     ) -> None:
-        super().__init__(options, **kw)
+        super().__init__(options, wrapper=wrapper, **kw)
         self.bootstrap = bootstrap
-        #: Command prefix (``valgrind ...`` for instruction counts).
-        self.wrapper = wrapper or []
 
-    def start(self, timeout_s: float = 30.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(yaml.safe_dump(self.bootstrap, sort_keys=False))
-        argv = envoy_argv(
-            self.binary,
-            str(self.config_path),
-            concurrency=self.concurrency,
-            log_level=self.log_level,
-        )
-        self.proc = spawn_in_group([*self.wrapper, *argv], self.log_path)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self._ready():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"envoy not ready after {timeout_s}s:\n{self.log_tail()}")
+    def render(self) -> str:
+        return yaml.safe_dump(self.bootstrap, sort_keys=False)
 
 
 # -- the Go stub ---------------------------------------------------------------------

@@ -468,8 +468,11 @@ class EnvoyProcess:
         workdir: str | Path | None = None,
         concurrency: int = 1,
         log_level: str = "warning",
+        wrapper: list[str] | None = None,
     ) -> None:
         self.options = options
+        #: Command prefix for the Envoy process (e.g. ``valgrind ...`` in benchmarks).
+        self.wrapper = list(wrapper or ())
         found = binary or find_envoy()
         if not found:
             raise FileNotFoundError("Envoy not found: run scripts/bootstrap or set $PDROUTE_ENVOY")
@@ -496,16 +499,20 @@ class EnvoyProcess:
     def admin_url(self) -> str:
         return f"http://{self.options.admin_host}:{self.options.admin_port}"
 
+    def render(self) -> str:
+        """The bootstrap written at start (the options' one; benchmarks override)."""
+        return bootstrap_yaml(self.options)
+
     def start(self, timeout_s: float = 30.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(bootstrap_yaml(self.options))
+        self.config_path.write_text(self.render())
         argv = envoy_argv(
             self.binary,
             str(self.config_path),
             concurrency=self.concurrency,
             log_level=self.log_level,
         )
-        self.proc = spawn_in_group(argv, self.log_path)
+        self.proc = spawn_in_group([*self.wrapper, *argv], self.log_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
