@@ -436,8 +436,8 @@ class Ctx:
     concurrency: int
 
 
-def run_variant(v: Variant, ctx: Ctx, rnd: int) -> dict[str, Any]:
-    stub_pid, stub_port = ctx.stubs[v.stub_env]
+def variant_bootstrap(v: Variant, ctx: Ctx, stub_port: int) -> tuple[EnvoyOptions, Bootstrap]:
+    """``v``'s options and its bootstrap: the production one, then ``v``'s edits."""
     opts = EnvoyOptions(
         listen_port=free_port(),
         admin_port=free_port(),
@@ -450,6 +450,12 @@ def run_variant(v: Variant, ctx: Ctx, rnd: int) -> dict[str, Any]:
     bs = copy.deepcopy(render_bootstrap(opts))
     for fn in v.mutate:
         fn(bs, stub_port)
+    return opts, bs
+
+
+def run_variant(v: Variant, ctx: Ctx, rnd: int) -> dict[str, Any]:
+    stub_pid, stub_port = ctx.stubs[v.stub_env]
+    opts, bs = variant_bootstrap(v, ctx, stub_port)
     envoy = VariantEnvoy(
         opts,
         bs,
@@ -618,18 +624,7 @@ def count_variant(v: Variant, ctx: Ctx, requests: int, conc: int) -> dict[str, A
     """Envoy's instructions per request for ``v`` at concurrency 1 and ``conc``, net of
     what an idle Envoy executes in the same wall time (health checks, timers)."""
     _stub_pid, stub_port = ctx.stubs[v.stub_env]
-    opts = EnvoyOptions(
-        listen_port=free_port(),
-        admin_port=free_port(),
-        epp_port=stub_port if v.epp else 1,
-        pool=ctx.pool,
-        epp_enabled=v.epp,
-        response_headers=v.response_headers,
-        **v.options,
-    )
-    bs = copy.deepcopy(render_bootstrap(opts))
-    for fn in v.mutate:
-        fn(bs, stub_port)
+    opts, bs = variant_bootstrap(v, ctx, stub_port)
     workdir = ctx.tmp / f"ir-{v.name}"
     workdir.mkdir(parents=True, exist_ok=True)
     cg = Callgrind(workdir)

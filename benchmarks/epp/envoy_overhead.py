@@ -326,14 +326,13 @@ def main() -> int:
 
     if args.response_phase == "auto":
         from epp.config import load_config_text, load_default_config
-        from epp.scheduling.scheduler import build_pipeline
+        from epp.scheduling.scheduler import needs_response_phase
 
-        config = (
+        response_headers = needs_response_phase(
             load_config_text(RANDOM_CONFIG)
             if args.scheduling == "random"
             else load_default_config()
         )
-        response_headers = build_pipeline(config).needs_response_phase
     else:
         response_headers = args.response_phase == "send"
 

@@ -19,7 +19,6 @@ import asyncio
 import functools
 import sys
 from pathlib import Path
-from urllib.parse import parse_qs
 
 from pdroute.sim.metrics import SampleFilter
 
@@ -99,11 +98,8 @@ class _Metrics:
     def response(self, target: bytes) -> bytes:
         got = self._cache.get(target)
         if got is None:
-            text = self._text
             path, _, query = target.decode("latin-1").partition("?")
-            names = parse_qs(query).get("name[]") if path == "/metrics/" else None
-            if names:
-                text = self._filter.apply(text, names)
+            text = self._filter.serve(self._text, path, query)
             got = _response(text.encode(), b"text/plain; version=0.0.4")
             if len(self._cache) < 64:
                 self._cache[target] = got

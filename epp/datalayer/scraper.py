@@ -286,16 +286,13 @@ class MetricsScraper:
             self._stop(key)
         if self._client is not None:  # idle connections only to current targets
             self._client.retain({ep.metrics_host_port for ep in endpoints})
-        started = 0
         new = [key for key in current if key not in self._collectors]
         phases = self.phases(current) if new else {}
         for key in new:
-            if key not in self._collectors:
-                task = asyncio.create_task(self._collect(key, phases[key]), name=f"scrape {key}")
-                self._collectors[key] = task
-                task.add_done_callback(functools.partial(self._done, key))
-                started += 1
-        return started
+            task = asyncio.create_task(self._collect(key, phases[key]), name=f"scrape {key}")
+            self._collectors[key] = task
+            task.add_done_callback(functools.partial(self._done, key))
+        return len(new)
 
     def phases(self, keys: set[str]) -> dict[str, float]:
         """Offsets of the endpoints' scrapes within the interval (at most 1 s, so a

@@ -532,7 +532,9 @@ class StreamHandler:
         duration.observe(self._clock() - s.started)
 
 
-def _set_lb_metadata(resp: pb.ProcessingResponse, endpoints: str, decision: object) -> None:
+def _set_lb_metadata(
+    resp: pb.ProcessingResponse, endpoints: str, decision: RoutingDecision
+) -> None:
     """``dynamic_metadata = {"envoy.lb": {"x-gateway-destination-endpoint": endpoints}}``
     plus the decision's ``routing_metadata`` (response headers known at routing time,
     e.g. ``x-session-token``, that the gateway copies into the response)."""

@@ -288,6 +288,13 @@ class Pipeline:
         return self.plugins[name]
 
 
+def needs_response_phase(config: EndpointPickerConfig) -> bool:
+    """Whether ``config``'s plugins need the gateway to send response headers to the
+    EPP (:attr:`Pipeline.needs_response_phase`). Builds the plugins without starting
+    them (no sockets, no tasks): for deployment tooling such as ``pdroute up``."""
+    return build_pipeline(config).needs_response_phase
+
+
 def build_pipeline(
     config: EndpointPickerConfig,
     *,

@@ -232,10 +232,9 @@ class ServerStream:
         if self.ended_local:
             raise StreamClosed(f"stream {self.sid} has ended")
         conn = self._conn
+        quiet = conn.quiet()
         conn.send_message(self, message.SerializeToString())
-        if len(conn.streams) <= conn.server.write_through_streams:
-            # Few calls in progress: latency is what counts, write now instead of
-            # at the end of the loop pass (under load, output is batched per pass).
+        if quiet:
             conn.flush()
         if self.pending or conn.paused:
             await self._wait_drained()
@@ -395,6 +394,12 @@ class _Connection(asyncio.Protocol):
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
+
+    def quiet(self) -> bool:
+        """Few calls in progress (``write_through_streams``): latency is what counts,
+        so output is written at once instead of at the end of the loop pass (under
+        load it stays batched per pass: one write for many streams)."""
+        return len(self.streams) <= self.server.write_through_streams
 
     def flush(self) -> None:
         self.flush_scheduled = False
@@ -639,8 +644,9 @@ class _Connection(asyncio.Protocol):
             log.exception("gRPC handler failed on stream %d", stream.sid)
             code, message = INTERNAL, "internal error"
         if not stream.ended_local and not self.closed:
+            quiet = self.quiet()
             self._finish(stream, code, message)
-            if len(self.streams) < self.server.write_through_streams:
+            if quiet:
                 self.flush()
 
     def _on_data(self, flags: int, sid: int, payload: memoryview) -> None:

@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import parse_qs
 
 # Bucket upper bounds as vLLM 0.32 declares them (label strings as prometheus_client prints them).
 _LAT_LONG = ("0.3 0.5 0.8 1.0 1.5 2.0 2.5 5.0 10.0 15.0 20.0 30.0 40.0 50.0 60.0 120.0 240.0 "
@@ -666,6 +667,15 @@ class SampleFilter:
 
     def __init__(self) -> None:
         self._compiled: dict[frozenset[str], re.Pattern[str]] = {}
+
+    def serve(self, text: str, path: str, query: str) -> str:
+        """The page vLLM would answer ``GET {path}?{query}`` with: ``/metrics`` is
+        prometheus-fastapi-instrumentator's route and always the whole page;
+        ``/metrics/`` is prometheus_client's ASGI app and honours ``name[]``."""
+        if path != "/metrics/" or "name" not in query:
+            return text
+        names = parse_qs(query).get("name[]")
+        return self.apply(text, names) if names else text
 
     def apply(self, text: str, names: Sequence[str]) -> str:
         key = frozenset(names)

@@ -27,7 +27,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qs
 
 import orjson
 
@@ -878,13 +877,7 @@ class SimServer:
         return _json({"version": VLLM_VERSION})
 
     async def _metrics(self, request: Request) -> Response:
-        """As vLLM: ``/metrics`` (prometheus-fastapi-instrumentator's route) is always
-        the whole page; ``/metrics/`` (prometheus_client's ASGI app) honours
-        ``?name[]=`` filters."""
+        """As vLLM: ``/metrics/?name[]=`` filters, ``/metrics`` does not."""
         self._sync()
-        text = self.metrics.render()
-        if request.path == "/metrics/" and "name" in request.query:
-            names = parse_qs(request.query).get("name[]")
-            if names:
-                text = _METRICS_FILTER.apply(text, names)
+        text = _METRICS_FILTER.serve(self.metrics.render(), request.path, request.query)
         return Response(text.encode(), 200, b"text/plain; version=0.0.4; charset=utf-8")

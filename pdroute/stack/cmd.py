@@ -195,9 +195,9 @@ def response_phase_needed(config_file: Path) -> bool:
     tokens, which Envoy adds from the routing metadata). Builds the plugins without
     starting them."""
     from epp.config import load_config
-    from epp.scheduling.scheduler import build_pipeline
+    from epp.scheduling.scheduler import needs_response_phase
 
-    return build_pipeline(load_config(config_file)).needs_response_phase
+    return needs_response_phase(load_config(config_file))
 
 
 def epp_config_text(plan: Plan) -> str:

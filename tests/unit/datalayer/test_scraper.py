@@ -74,6 +74,16 @@ async def _wait(cond: Callable[[], bool], limit_s: float = 3.0) -> None:
             await asyncio.sleep(0.01)
 
 
+async def _scrape_until(scraper: MetricsScraper, cond: Callable[[], bool]) -> None:
+    """Run ``scraper`` until ``cond()`` holds (3 s at most), then stop it."""
+    task = asyncio.create_task(scraper.run())
+    try:
+        await _wait(cond)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_scrapes_capture_into_datastore(serve: Callable[[Handler], Awaitable[int]]) -> None:
     port = await serve(ok)
     clock = FakeClock()
@@ -81,12 +91,7 @@ async def test_scrapes_capture_into_datastore(serve: Callable[[Handler], Awaitab
     # Serving port is closed (1); the metrics port is the server: metrics_address wins.
     ds.replace_endpoints([Endpoint("d", "127.0.0.1", 1, metrics_address=f"127.0.0.1:{port}")])
     scraper = MetricsScraper(ds, interval_s=0.02, timeout_s=1.0)
-    task = asyncio.create_task(scraper.run())
-    try:
-        await _wait(lambda: ds.metrics("127.0.0.1:1") is not None)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await _scrape_until(scraper, lambda: ds.metrics("127.0.0.1:1") is not None)
     m = ds.metrics("127.0.0.1:1")
     assert m is not None
     assert (m.waiting, m.running, m.kv_cache_usage) == (6, 0, 0.0)
@@ -117,12 +122,7 @@ async def test_name_filter_asks_for_the_mapped_samples_only(
     ds = Datastore()
     ds.replace_endpoints([Endpoint("d", "127.0.0.1", port)])
     scraper = MetricsScraper(ds, interval_s=0.02, timeout_s=1.0)
-    task = asyncio.create_task(scraper.run())
-    try:
-        await _wait(lambda: ds.metrics(f"127.0.0.1:{port}") is not None)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await _scrape_until(scraper, lambda: ds.metrics(f"127.0.0.1:{port}") is not None)
     assert seen[0] == sorted(
         [
             "vllm:num_requests_waiting",
@@ -152,12 +152,7 @@ async def test_engine_that_breaks_the_filter_is_scraped_whole(
     ds = Datastore()
     ds.replace_endpoints([Endpoint("d", "127.0.0.1", port)])
     scraper = MetricsScraper(ds, interval_s=0.02, timeout_s=1.0)
-    task = asyncio.create_task(scraper.run())
-    try:
-        await _wait(lambda: scraper.scrapes >= 3)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await _scrape_until(scraper, lambda: scraper.scrapes >= 3)
     assert queries[0].startswith("/metrics/?name")
     assert queries[1:] == ["/metrics"] * (len(queries) - 1)
     assert scraper.errors == 0
@@ -230,12 +225,9 @@ async def test_failures_counted_and_metrics_left_to_go_stale(
     keys = [f"127.0.0.1:{p}" for p in ports]
     before = [errors(k) for k in keys]
     scraper = MetricsScraper(ds, interval_s=0.02, max_body_bytes=65_536)
-    task = asyncio.create_task(scraper.run())
-    try:
-        await _wait(lambda: all(errors(k) >= b + 2 for k, b in zip(keys, before, strict=True)))
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await _scrape_until(
+        scraper, lambda: all(errors(k) >= b + 2 for k, b in zip(keys, before, strict=True))
+    )
     assert all(ds.metrics(k) is None for k in keys)
     assert all(v.stale for v in ds.snapshot().endpoints)
     assert scraper.scrapes == 0
@@ -262,12 +254,7 @@ async def test_chunked_body_is_read(serve: Callable[[Handler], Awaitable[int]]) 
     ds = Datastore()
     ds.replace_endpoints([Endpoint("c", "127.0.0.1", port)])
     scraper = MetricsScraper(ds, interval_s=0.02)
-    task = asyncio.create_task(scraper.run())
-    try:
-        await _wait(lambda: ds.metrics(f"127.0.0.1:{port}") is not None)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await _scrape_until(scraper, lambda: ds.metrics(f"127.0.0.1:{port}") is not None)
     m = ds.metrics(f"127.0.0.1:{port}")
     assert m is not None and m.waiting == 6 and m.num_blocks == 8192
 
